@@ -1,0 +1,44 @@
+"""Python client for the hero-rewards service.
+
+    from hero_client import HeroClient
+    with HeroClient("http://127.0.0.1:8000") as client:
+        result = client.score([{"prompt": "2+2?", "reference": "4",
+                                "responses": ["\\\\boxed{4}", "\\\\boxed{5}"]}])
+        result.groups[0].advantages
+"""
+
+from ._client import AsyncHeroClient, HeroClient
+from ._errors import HeroAPIError, HeroConnectionError, HeroError, HeroTimeoutError
+from ._retry import RetryPolicy
+from ._sigma import RunningSigma
+from .schema import (
+    ChatMessage,
+    GetRewardResponse,
+    Group,
+    GroupResult,
+    HeroParams,
+    InfoResponse,
+    RewardsRequest,
+    RewardsResponse,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncHeroClient",
+    "ChatMessage",
+    "GetRewardResponse",
+    "Group",
+    "GroupResult",
+    "HeroAPIError",
+    "HeroClient",
+    "HeroConnectionError",
+    "HeroError",
+    "HeroParams",
+    "HeroTimeoutError",
+    "InfoResponse",
+    "RetryPolicy",
+    "RewardsRequest",
+    "RewardsResponse",
+    "RunningSigma",
+]

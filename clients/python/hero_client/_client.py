@@ -1,0 +1,291 @@
+"""Sync and async clients for the hero-rewards service.
+
+Both share request building, chunking and merging (pure functions below); they differ only in how
+they send. Large batches are split into requests of bounded size, sent with bounded concurrency,
+retried on 429/503/connection errors (honouring Retry-After), and merged back in order. Pass
+``transport=`` (e.g. ``httpx.MockTransport``) to swap the network out in tests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import httpx
+
+from ._errors import HeroConnectionError, HeroTimeoutError
+from ._retry import RETRY_STATUSES, RetryPolicy, api_error, retry_after_seconds
+from ._sigma import RunningSigma
+from .schema import (
+    GetRewardResponse,
+    Group,
+    HeroParams,
+    InfoResponse,
+    Mode,
+    RewardsRequest,
+    RewardsResponse,
+    Timings,
+    VerifierName,
+)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+GroupLike = Union[Group, Mapping[str, Any]]
+ParamsLike = Union[HeroParams, Mapping[str, Any], None]
+
+
+def _as_group(group: GroupLike) -> Group:
+    return group if isinstance(group, Group) else Group.model_validate(dict(group))
+
+
+def _as_params(params: ParamsLike, sigma_ref: Optional[float]) -> HeroParams:
+    if params is None:
+        base = HeroParams()
+    elif isinstance(params, HeroParams):
+        base = params
+    else:
+        base = HeroParams.model_validate(dict(params))
+    if sigma_ref is not None and base.sigma_ref is None:
+        base = base.model_copy(update={"sigma_ref": sigma_ref})
+    return base
+
+
+def chunk_groups(groups: Sequence[Group], max_groups: int, max_rollouts: int) -> list[list[Group]]:
+    """Consecutive chunks with at most ``max_groups`` groups and ``max_rollouts`` responses
+    (a group larger than ``max_rollouts`` travels alone: groups are never split)."""
+    chunks: list[list[Group]] = []
+    current: list[Group] = []
+    rollouts = 0
+    for group in groups:
+        n = len(group.responses)
+        if current and (len(current) >= max_groups or rollouts + n > max_rollouts):
+            chunks.append(current)
+            current, rollouts = [], 0
+        current.append(group)
+        rollouts += n
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def merge_responses(parts: Sequence[RewardsResponse], request_id: Optional[str]) -> RewardsResponse:
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return RewardsResponse(
+        request_id=request_id,
+        mode=first.mode,
+        reward_model=first.reward_model,
+        verifier=first.verifier,
+        sigma_ref=first.sigma_ref,
+        groups=[g for part in parts for g in part.groups],
+        timings_ms=Timings(
+            queue=max(p.timings_ms.queue for p in parts),
+            verifier=max(p.timings_ms.verifier for p in parts),
+            reward_model=max(p.timings_ms.reward_model for p in parts),
+            total=max(p.timings_ms.total for p in parts),
+        ),
+    )
+
+
+class _ClientBase:
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        api_key: Optional[str] = None,
+        timeout: float = 120.0,
+        retry: RetryPolicy = RetryPolicy(),
+        max_groups_per_request: int = 64,
+        max_rollouts_per_request: int = 1024,
+        max_concurrency: int = 4,
+        running_sigma: Optional[RunningSigma] = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.retry = retry
+        self.max_groups_per_request = max_groups_per_request
+        self.max_rollouts_per_request = max_rollouts_per_request
+        self.max_concurrency = max(1, max_concurrency)
+        self.running_sigma = running_sigma
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
+
+    def _plan(
+        self, groups: Iterable[GroupLike], mode: Mode, verifier: Optional[VerifierName],
+        params: ParamsLike, sigma_ref: Optional[float], request_id: Optional[str],
+    ) -> list[RewardsRequest]:
+        if sigma_ref is None and self.running_sigma is not None:
+            sigma_ref = self.running_sigma.value
+        resolved = _as_params(params, sigma_ref)
+        chunks = chunk_groups([_as_group(g) for g in groups], self.max_groups_per_request,
+                              self.max_rollouts_per_request)
+        if not chunks:
+            raise ValueError("score() needs at least one group")
+        return [
+            RewardsRequest(
+                request_id=request_id if len(chunks) == 1 or request_id is None
+                else f"{request_id}/{i}",
+                mode=mode, verifier=verifier, params=resolved, groups=chunk)
+            for i, chunk in enumerate(chunks)
+        ]
+
+    def _finish(self, parts: Sequence[RewardsResponse], request_id: Optional[str]) -> RewardsResponse:
+        merged = merge_responses(parts, request_id)
+        if self.running_sigma is not None:
+            self.running_sigma.update(g.sigma for g in merged.groups)
+        return merged
+
+    def _check(self, response: httpx.Response) -> httpx.Response:
+        if response.status_code >= 400:
+            raise api_error(response)
+        return response
+
+
+class HeroClient(_ClientBase):
+    """Blocking client. Thread-safe; chunks of one call are sent from a small thread pool."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, *, transport: Optional[httpx.BaseTransport] = None,
+                 **kwargs: Any) -> None:
+        super().__init__(base_url, **kwargs)
+        self._http = httpx.Client(base_url=self.base_url, headers=self._headers,
+                                  timeout=self._timeout, transport=transport)
+
+    def __enter__(self) -> "HeroClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, method: str, path: str, json: Any = None) -> httpx.Response:
+        for attempt in range(1, self.retry.max_attempts + 1):
+            last = attempt == self.retry.max_attempts
+            try:
+                response = self._http.request(method, path, json=json)
+            except httpx.TimeoutException as exc:
+                if last:
+                    raise HeroTimeoutError(f"{method} {path}: no answer in time") from exc
+                time.sleep(self.retry.delay(attempt))
+                continue
+            except httpx.TransportError as exc:
+                if last:
+                    raise HeroConnectionError(f"{method} {path}: {exc}") from exc
+                time.sleep(self.retry.delay(attempt))
+                continue
+            if response.status_code in RETRY_STATUSES and not last:
+                time.sleep(self.retry.delay(attempt, retry_after_seconds(response)))
+                continue
+            return self._check(response)
+        raise AssertionError("unreachable")
+
+    def _post_rewards(self, request: RewardsRequest) -> RewardsResponse:
+        body = request.model_dump(mode="json", exclude_none=True)
+        return RewardsResponse.model_validate_json(self._send("POST", "/v1/rewards", body).content)
+
+    def score(
+        self,
+        groups: Iterable[GroupLike],
+        *,
+        mode: Mode = "hero",
+        verifier: Optional[VerifierName] = None,
+        params: ParamsLike = None,
+        sigma_ref: Optional[float] = None,
+        request_id: Optional[str] = None,
+    ) -> RewardsResponse:
+        """Score groups (any number: they are chunked). ``sigma_ref`` defaults to the client's
+        running sigma, if it has one."""
+        requests = self._plan(groups, mode, verifier, params, sigma_ref, request_id)
+        if len(requests) == 1:
+            parts = [self._post_rewards(requests[0])]
+        else:
+            with ThreadPoolExecutor(min(self.max_concurrency, len(requests))) as pool:
+                parts = list(pool.map(self._post_rewards, requests))
+        return self._finish(parts, request_id)
+
+    def get_reward(self, query: Sequence[str], prompts: Optional[Sequence[str]] = None,
+                   labels: Optional[Sequence[Optional[str]]] = None) -> GetRewardResponse:
+        body = {"query": list(query), "prompts": list(prompts) if prompts is not None else None,
+                "labels": list(labels) if labels is not None else None}
+        return GetRewardResponse.model_validate_json(self._send("POST", "/get_reward", body).content)
+
+    def info(self) -> InfoResponse:
+        return InfoResponse.model_validate_json(self._send("GET", "/v1/info").content)
+
+    def ready(self) -> bool:
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+
+class AsyncHeroClient(_ClientBase):
+    """asyncio client; chunks of one call run concurrently, at most ``max_concurrency``."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, *,
+                 transport: Optional[httpx.AsyncBaseTransport] = None, **kwargs: Any) -> None:
+        super().__init__(base_url, **kwargs)
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers,
+                                       timeout=self._timeout, transport=transport)
+
+    async def __aenter__(self) -> "AsyncHeroClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, method: str, path: str, json: Any = None) -> httpx.Response:
+        for attempt in range(1, self.retry.max_attempts + 1):
+            last = attempt == self.retry.max_attempts
+            try:
+                response = await self._http.request(method, path, json=json)
+            except httpx.TimeoutException as exc:
+                if last:
+                    raise HeroTimeoutError(f"{method} {path}: no answer in time") from exc
+                await asyncio.sleep(self.retry.delay(attempt))
+                continue
+            except httpx.TransportError as exc:
+                if last:
+                    raise HeroConnectionError(f"{method} {path}: {exc}") from exc
+                await asyncio.sleep(self.retry.delay(attempt))
+                continue
+            if response.status_code in RETRY_STATUSES and not last:
+                await asyncio.sleep(self.retry.delay(attempt, retry_after_seconds(response)))
+                continue
+            return self._check(response)
+        raise AssertionError("unreachable")
+
+    async def _post_rewards(self, request: RewardsRequest, limit: asyncio.Semaphore) -> RewardsResponse:
+        body = request.model_dump(mode="json", exclude_none=True)
+        async with limit:
+            response = await self._send("POST", "/v1/rewards", body)
+        return RewardsResponse.model_validate_json(response.content)
+
+    async def score(
+        self,
+        groups: Iterable[GroupLike],
+        *,
+        mode: Mode = "hero",
+        verifier: Optional[VerifierName] = None,
+        params: ParamsLike = None,
+        sigma_ref: Optional[float] = None,
+        request_id: Optional[str] = None,
+    ) -> RewardsResponse:
+        requests = self._plan(groups, mode, verifier, params, sigma_ref, request_id)
+        limit = asyncio.Semaphore(self.max_concurrency)
+        parts = await asyncio.gather(*(self._post_rewards(r, limit) for r in requests))
+        return self._finish(parts, request_id)
+
+    async def get_reward(self, query: Sequence[str], prompts: Optional[Sequence[str]] = None,
+                         labels: Optional[Sequence[Optional[str]]] = None) -> GetRewardResponse:
+        body = {"query": list(query), "prompts": list(prompts) if prompts is not None else None,
+                "labels": list(labels) if labels is not None else None}
+        response = await self._send("POST", "/get_reward", body)
+        return GetRewardResponse.model_validate_json(response.content)
+
+    async def info(self) -> InfoResponse:
+        return InfoResponse.model_validate_json((await self._send("GET", "/v1/info")).content)

@@ -1,0 +1,200 @@
+"""The v1 wire contract: the one definition shared by the service and the client.
+
+Field names here are the contract (see DESIGN §2): fields may be added, never renamed.
+Request models reject unknown fields so a typo is an error, not a silently ignored option;
+response models accept unknown fields so an older client can read a newer server.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_VERSION = "v1"
+
+Mode = Literal["hero", "verifier", "rm"]
+VerifierName = Literal["math", "exact", "numeric", "none"]
+AdvantageKind = Literal["grpo", "dr_grpo", "rloo", "none"]
+TiePolicy = Literal["bottom", "middle"]
+WeightGap = Literal["absolute", "relative"]
+VerifierStatus = Literal["correct", "incorrect", "no_answer", "timeout", "error", "skipped"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+Prompt = Union[str, list[ChatMessage]]
+
+
+def _check_finite(values: list[float] | None, what: str) -> list[float] | None:
+    if values is not None:
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                raise ValueError(f"{what}[{i}] must be a finite number, got {v}")
+    return values
+
+
+class HeroParams(_Request):
+    """Eq. 3-5 hyper-parameters. Defaults: the paper's appendix (alpha = beta = 0.1 for
+    mixed/hard data; 0.05 is the paper's choice for easy-to-verify data)."""
+
+    alpha: float = Field(0.1, ge=0.0, description="half-width of the incorrect band [-alpha, alpha]")
+    beta: float = Field(0.1, ge=0.0, description="half-width of the correct band [1-beta, 1+beta]")
+    w_min: float = Field(0.4, ge=0.0)
+    w_max: float = Field(3.0, ge=0.0)
+    k: float = Field(6.0, ge=0.0, description="sigmoid sharpness of the variance weight")
+    epsilon: float = Field(1e-6, gt=0.0, description="min-max denominator guard")
+    sigma_ref: Optional[float] = Field(
+        None, ge=0.0, description="running mean of group sigma; default: mean sigma of this request"
+    )
+    advantage: AdvantageKind = "grpo"
+    tie_policy: TiePolicy = "bottom"
+    weight_gap: WeightGap = "absolute"
+
+    @field_validator("alpha", "beta", "w_min", "w_max", "k", "epsilon", "sigma_ref")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "HeroParams":
+        if self.alpha + self.beta >= 1.0:
+            raise ValueError(
+                "alpha + beta must be < 1 so the incorrect band [-alpha, alpha] stays below "
+                "the correct band [1-beta, 1+beta]"
+            )
+        if self.w_min > self.w_max:
+            raise ValueError("w_min must be <= w_max")
+        return self
+
+
+class Group(_Request):
+    """One prompt with its N sampled responses."""
+
+    id: Optional[str] = Field(None, description="client id, echoed back; default: the index")
+    prompt: Prompt = ""
+    reference: Optional[str] = Field(None, description="gold answer; required by math/exact/numeric")
+    responses: list[str] = Field(..., min_length=1)
+    rm_scores: Optional[list[float]] = Field(
+        None, description="bring your own RM scores (one per response); skips the service's RM"
+    )
+
+    @field_validator("rm_scores")
+    @classmethod
+    def _finite_scores(cls, v: list[float] | None) -> list[float] | None:
+        return _check_finite(v, "rm_scores")
+
+    @model_validator(mode="after")
+    def _scores_match(self) -> "Group":
+        if self.rm_scores is not None and len(self.rm_scores) != len(self.responses):
+            raise ValueError(
+                f"rm_scores has {len(self.rm_scores)} values for {len(self.responses)} responses"
+            )
+        return self
+
+
+class RewardsRequest(_Request):
+    request_id: Optional[str] = None
+    mode: Mode = "hero"
+    verifier: Optional[VerifierName] = Field(None, description="default: the server's --verifier")
+    params: HeroParams = Field(default_factory=HeroParams)
+    groups: list[Group] = Field(..., min_length=1)
+
+
+class GroupResult(_Response):
+    id: str
+    sigma: Optional[float] = Field(None, description="population std of the raw RM scores")
+    weight: float
+    rewards: list[float]
+    advantages: Optional[list[float]] = None
+    verified: list[bool]
+    verifier_status: list[VerifierStatus]
+    rm_scores: Optional[list[float]] = None
+    normalized: list[float]
+    truncated: list[bool]
+    partial: bool = Field(False, description="group assembly timed out before the group was complete")
+
+
+class Timings(_Response):
+    queue: float = 0.0
+    verifier: float = 0.0
+    reward_model: float = 0.0
+    total: float = 0.0
+
+
+class RewardsResponse(_Response):
+    request_id: Optional[str] = None
+    mode: Mode
+    reward_model: str
+    verifier: VerifierName
+    sigma_ref: Optional[float] = None
+    groups: list[GroupResult]
+    timings_ms: Timings = Field(default_factory=Timings)
+
+
+class GetRewardRequest(BaseModel):
+    """OpenRLHF remote-RM payload. Extra keys OpenRLHF versions add are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    query: list[str] = Field(..., min_length=1)
+    prompts: Optional[list[str]] = None
+    labels: Optional[list[Optional[str]]] = None
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "GetRewardRequest":
+        for name in ("prompts", "labels"):
+            values = getattr(self, name)
+            if values is not None and len(values) != len(self.query):
+                raise ValueError(f"{name} has {len(values)} items for {len(self.query)} queries")
+        return self
+
+
+class GetRewardResponse(_Response):
+    rewards: list[float]
+    scores: list[float]
+    extra_logs: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorDetail(_Response):
+    code: str
+    message: str
+    field: Optional[str] = None
+
+
+class ErrorResponse(_Response):
+    error: ErrorDetail
+
+
+class LimitsInfo(_Response):
+    max_body_bytes: int
+    max_groups: int
+    max_responses_per_group: int
+    max_response_chars: int
+    max_queued_rollouts: int
+
+
+class InfoResponse(_Response):
+    name: str = "hero-rewards"
+    version: str
+    api_version: str = API_VERSION
+    reward_model: str
+    verifier: VerifierName
+    verifiers: list[VerifierName]
+    modes: list[Mode]
+    group_size: Optional[int] = None
+    limits: LimitsInfo

@@ -1,0 +1,116 @@
+"""The FastAPI application: wiring of settings → verifiers, reward model, batcher → pipeline →
+routes, with a lifespan that loads everything before /readyz turns green."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Callable, Optional
+
+from fastapi import FastAPI
+
+from hero_client._sigma import RunningSigma
+
+from . import __version__
+from .batching import Batcher
+from .config import Settings
+from .http.errors import install_error_handlers
+from .http.middleware import BodySizeLimit, RequestMetrics
+from .http.routes import router
+from .metrics import Metrics
+from .pipeline import Pipeline
+from .reward_models import RewardModel, load_reward_model
+from .verifiers import ExactVerifier, MathVerifier, NoVerifier, NumericVerifier, Verifier
+
+log = logging.getLogger("hero_service")
+
+RewardModelFactory = Callable[[Settings], RewardModel]
+
+
+def default_reward_model(settings: Settings) -> RewardModel:
+    return load_reward_model(
+        settings.reward_model, device=settings.device, dtype=settings.dtype,
+        max_length=settings.max_length, trust_remote_code=settings.trust_remote_code,
+        remote_timeout_s=settings.remote_timeout_s,
+    )
+
+
+def build_verifiers(settings: Settings) -> dict[str, Verifier]:
+    return {
+        "math": MathVerifier(
+            workers=settings.resolved_verifier_workers(), timeout_s=settings.verifier_timeout_s,
+            max_tasks=settings.verifier_max_tasks, memory_mb=settings.verifier_memory_mb),
+        "exact": ExactVerifier(),
+        "numeric": NumericVerifier(),
+        "none": NoVerifier(),
+    }
+
+
+class Service:
+    """Everything the routes need, created at start-up, torn down at shutdown."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.version = __version__
+        self.pipeline: Optional[Pipeline] = None
+        self.verifiers: dict[str, Verifier] = {}
+        self.running_sigma = RunningSigma()
+        self.draining = False
+
+    def ready(self) -> bool:
+        return (self.pipeline is not None and not self.draining
+                and all(v.ready() for v in self.verifiers.values()))
+
+    def require_pipeline(self) -> Pipeline:
+        from .errors import NotReady
+
+        if self.draining:
+            raise NotReady("service is draining (shutting down); send to another replica")
+        if self.pipeline is None:
+            raise NotReady("service is starting: the model or the verifier pool is not ready yet")
+        return self.pipeline
+
+
+def create_app(
+    settings: Optional[Settings] = None,
+    reward_model_factory: RewardModelFactory = default_reward_model,
+) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    service = Service(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        verifiers = build_verifiers(settings)
+        model = await asyncio.to_thread(reward_model_factory, settings)
+        await asyncio.gather(*(v.start() for v in verifiers.values()))
+        batcher = Batcher(
+            model, max_batch_tokens=settings.max_batch_tokens, max_wait_ms=settings.max_wait_ms,
+            max_queued=settings.max_queued_rollouts, metrics=metrics)
+        batcher.start()
+        service.verifiers = verifiers
+        service.pipeline = Pipeline(settings, model, batcher, verifiers, metrics)
+        log.info("ready: reward_model=%s verifier=%s", model.model_id, settings.verifier)
+        try:
+            yield
+        finally:
+            service.draining = True
+            batcher.stop()
+            await asyncio.gather(*(v.close() for v in verifiers.values()))
+            model.close()
+
+    app = FastAPI(
+        title="hero-rewards",
+        version=__version__,
+        description="HERO (Hybrid Ensemble Reward Optimization) rewards for RL of language models.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.api_key = settings.resolved_api_key()
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,222 @@
+"""Cross-request dynamic batching: a bounded queue, one inference thread that owns the model, and
+futures back to the requests (the queue → batching task → backend flow of TEI's router).
+
+Items from all concurrent requests wait in one queue. The inference thread waits up to
+``max_wait_ms`` for a batch to fill, sorts what it took by length (to cut padding), packs it into
+batches whose *padded* size stays within ``max_batch_tokens``, runs them, and resolves each item's
+future on the event loop. Identical inputs in flight are scored once. A CUDA out-of-memory error
+splits the batch in half and retries; anything else fails only that batch's requests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Hashable, Sequence
+
+from .errors import Overloaded
+from .metrics import Metrics
+from .reward_models import Encoded, RewardModel, RewardModelError
+from .reward_models._torch_utils import is_out_of_memory, release_cached_memory
+
+log = logging.getLogger(__name__)
+
+# One round takes at most this many budgets' worth of tokens, so an item that arrives during a
+# long round waits for a bounded amount of work, not for the whole backlog.
+ROUND_BUDGETS = 8
+
+
+@dataclass(frozen=True)
+class ScoredItem:
+    score: float
+    queue_ms: float
+
+
+@dataclass
+class _Pending:
+    encoded: Encoded
+    future: asyncio.Future[ScoredItem]
+    loop: asyncio.AbstractEventLoop
+    enqueued_at: float
+
+
+def pack_batches(items: Sequence[_Pending], max_batch_tokens: int) -> list[list[_Pending]]:
+    """Length-sorted items cut into batches whose padded size (longest × count) fits the budget.
+    An item longer than the budget goes alone."""
+    ordered = sorted(items, key=lambda p: p.encoded.n_tokens)
+    batches: list[list[_Pending]] = []
+    current: list[_Pending] = []
+    for item in ordered:
+        # Sorted ascending, so this item is the longest of the batch it joins.
+        if current and item.encoded.n_tokens * (len(current) + 1) > max_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(item)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Batcher:
+    def __init__(
+        self,
+        model: RewardModel,
+        *,
+        max_batch_tokens: int,
+        max_wait_ms: float,
+        max_queued: int,
+        metrics: Metrics,
+    ) -> None:
+        self.model = model
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queued = max_queued
+        self.metrics = metrics
+        self._cond = threading.Condition()
+        self._queue: deque[_Pending] = deque()
+        self._outstanding = 0  # queued + being scored; guarded by _cond
+        self._inflight: dict[Hashable, asyncio.Future[ScoredItem]] = {}  # event-loop thread only
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="hero-inference", daemon=True)
+
+    # -- event-loop side -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def outstanding(self) -> int:
+        with self._cond:
+            return self._outstanding
+
+    def submit(self, encoded: Sequence[Encoded]) -> list[asyncio.Future[ScoredItem]]:
+        """Enqueue items (sharing futures with identical items already in flight) or raise
+        Overloaded without enqueuing any of them. Must be called on the event loop."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[ScoredItem]] = []
+        fresh: dict[Hashable, _Pending] = {}
+        for item in encoded:
+            future = self._inflight.get(item.key)
+            if future is None:
+                pending = fresh.get(item.key)
+                if pending is None:
+                    pending = _Pending(item, loop.create_future(), loop, 0.0)
+                    fresh[item.key] = pending
+                future = pending.future
+            futures.append(future)
+        self.metrics.deduplicated_rollouts.inc(len(encoded) - len(fresh))
+        with self._cond:
+            if self._outstanding + len(fresh) > self.max_queued:
+                raise Overloaded(
+                    f"reward model queue full ({self._outstanding} of {self.max_queued} rollouts)")
+            now = time.perf_counter()
+            for key, pending in fresh.items():
+                pending.enqueued_at = now
+                self._inflight[key] = pending.future
+                pending.future.add_done_callback(lambda _f, k=key: self._inflight.pop(k, None))
+                self._queue.append(pending)
+            self._outstanding += len(fresh)
+            self.metrics.batch_queue_depth.set(self._outstanding)
+            self._cond.notify()
+        return futures
+
+    async def score(self, encoded: Sequence[Encoded]) -> list[ScoredItem]:
+        futures = self.submit(encoded)
+        # Shielded: a caller that goes away must not cancel a result other callers share.
+        return list(await asyncio.gather(*(asyncio.shield(f) for f in futures)))
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    # -- inference thread --------------------------------------------------------------------
+
+    def _take_round(self) -> list[_Pending] | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if not self._queue:
+                return None
+            deadline = self._queue[0].enqueued_at + self.max_wait_s
+            while not self._stopping and self._queued_tokens() < self.max_batch_tokens:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            taken: list[_Pending] = []
+            tokens = 0
+            limit = self.max_batch_tokens * ROUND_BUDGETS
+            while self._queue and (not taken or tokens + self._queue[0].encoded.n_tokens <= limit):
+                item = self._queue.popleft()
+                taken.append(item)
+                tokens += item.encoded.n_tokens
+            return taken
+
+    def _queued_tokens(self) -> int:
+        return sum(p.encoded.n_tokens for p in self._queue)
+
+    def _run(self) -> None:
+        while True:
+            taken = self._take_round()
+            if taken is None:
+                return
+            for batch in pack_batches(taken, self.max_batch_tokens):
+                self._run_batch(batch)
+            with self._cond:
+                self._outstanding -= len(taken)
+                self.metrics.batch_queue_depth.set(self._outstanding)
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        try:
+            scores = self._forward_splitting(batch)
+        except Exception as exc:  # noqa: BLE001 - the batch's requests get the error, not the server
+            log.exception("reward model failed on a batch of %d", len(batch))
+            error = exc if isinstance(exc, RewardModelError) else RewardModelError(
+                f"reward model failed: {type(exc).__name__}: {exc}")
+            for p in batch:
+                p.loop.call_soon_threadsafe(_resolve_error, p.future, error)
+            return
+        for p, score in zip(batch, scores):
+            result = ScoredItem(score=float(score), queue_ms=(started - p.enqueued_at) * 1000.0)
+            p.loop.call_soon_threadsafe(_resolve, p.future, result)
+
+    def _forward_splitting(self, batch: list[_Pending]) -> list[float]:
+        try:
+            return self._forward(batch)
+        except Exception as exc:
+            if not is_out_of_memory(exc) or len(batch) == 1:
+                raise
+            release_cached_memory()
+            self.metrics.oom_splits.inc()
+            log.warning("out of memory on a batch of %d; splitting and retrying", len(batch))
+            half = len(batch) // 2
+            return self._forward_splitting(batch[:half]) + self._forward_splitting(batch[half:])
+
+    def _forward(self, batch: list[_Pending]) -> list[float]:
+        lengths = [p.encoded.n_tokens for p in batch]
+        padded = max(lengths) * len(batch)
+        started = time.perf_counter()
+        scores = self.model.forward([p.encoded for p in batch])
+        self.metrics.forward_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.batch_tokens.observe(padded)
+        self.metrics.padding_ratio.observe(1.0 - sum(lengths) / padded)
+        if len(scores) != len(batch):
+            raise RewardModelError(f"backend returned {len(scores)} scores for {len(batch)} inputs")
+        return scores
+
+
+def _resolve(future: asyncio.Future[ScoredItem], result: ScoredItem) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _resolve_error(future: asyncio.Future[ScoredItem], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -1,0 +1,105 @@
+"""Service configuration: one settings object, from CLI flags and ``HERO_*`` environment variables
+(flags win). Printed at start-up with secrets masked."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+VerifierName = Literal["math", "exact", "numeric", "none"]
+
+LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HERO_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="bind port")
+    reward_model: str = Field(
+        "embedded", description="embedded | hf:PATH | remote:URL (the reward model backend)"
+    )
+    verifier: VerifierName = Field("math", description="default verifier for requests that name none")
+    api_key: Optional[SecretStr] = Field(None, description="bearer key required on scoring endpoints")
+    api_key_file: Optional[Path] = Field(None, description="file holding the API key (Kubernetes Secret)")
+    insecure: bool = Field(False, description="allow a non-loopback bind without an API key")
+
+    # Reward model.
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bf16 on GPU, fp32 on CPU"
+    )
+    max_length: int = Field(0, ge=0, description="RM token limit per rollout; 0 = the model's own")
+    trust_remote_code: bool = Field(False, description="let a hf model directory run its own code")
+    remote_timeout_s: float = Field(30.0, gt=0, description="timeout of one remote RM call")
+
+    # Dynamic batching.
+    max_batch_tokens: int = Field(16384, ge=1, description="padded tokens per forward batch")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
+    max_queued_rollouts: int = Field(4096, ge=1, description="queue bound; beyond it: 429")
+
+    # Verifier pool.
+    verifier_workers: int = Field(0, ge=0, description="worker processes; 0 = one per core")
+    verifier_timeout_s: int = Field(5, ge=1, description="hard per-response verifier timeout (s)")
+    verifier_max_tasks: int = Field(2000, ge=1, description="recycle a worker after this many tasks")
+    verifier_memory_mb: int = Field(2048, ge=0, description="address-space cap per worker; 0 = none")
+
+    # Group assembly across requests (OpenRLHF per-query traffic); 0 = off.
+    group_size: int = Field(0, ge=0, description="assemble groups of this size across requests")
+    group_timeout_s: float = Field(30.0, gt=0, description="score a partial group after this wait")
+
+    # Input limits.
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_groups: int = Field(1024, ge=1)
+    max_responses_per_group: int = Field(256, ge=1)
+    max_response_chars: int = Field(200_000, ge=1)
+
+    log_level: str = Field("info")
+
+    @field_validator("reward_model")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        if v != "embedded" and not v.startswith(("hf:", "remote:")):
+            raise ValueError("reward_model must be 'embedded', 'hf:PATH' or 'remote:URL'")
+        return v
+
+    def resolved_api_key(self) -> Optional[str]:
+        if self.api_key is not None and self.api_key.get_secret_value():
+            return self.api_key.get_secret_value()
+        if self.api_key_file is not None:
+            key = self.api_key_file.read_text().strip()
+            if not key:
+                raise ValueError(f"API key file {self.api_key_file} is empty")
+            return key
+        return None
+
+    def resolved_verifier_workers(self) -> int:
+        return self.verifier_workers or max(1, len(os.sched_getaffinity(0)))
+
+    def check_bind_safety(self) -> None:
+        """Refuse to expose an unauthenticated scorer beyond this machine."""
+        if self.insecure or self.resolved_api_key() is not None or is_loopback(self.host):
+            return
+        raise ValueError(
+            f"refusing to bind {self.host} without an API key: set --api-key/HERO_API_KEY "
+            "(or --api-key-file), or pass --insecure to accept unauthenticated access"
+        )
+
+    def describe(self) -> dict[str, object]:
+        shown = self.model_dump(mode="json")
+        shown["api_key"] = "***" if self.resolved_api_key() else None
+        return shown
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

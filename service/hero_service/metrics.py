@@ -1,0 +1,62 @@
+"""Prometheus metrics. Each app owns its registry (several apps can live in one test process).
+
+``hero_queue_depth`` — rollouts admitted and not yet answered — is the autoscaling signal."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+QUEUE_DEPTH_METRIC = "hero_queue_depth"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_TOKEN_BUCKETS = (128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "hero_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"],
+            registry=r)
+        self.request_seconds = Histogram(
+            "hero_request_duration_seconds", "request latency", ["endpoint"],
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.rollouts_scored = Counter(
+            "hero_rollouts_scored", "rollouts given a reward", ["mode"], registry=r)
+        self.verifier_outcomes = Counter(
+            "hero_verifier_outcomes", "verifier verdicts by status", ["verifier", "status"],
+            registry=r)
+        self.queue_depth = Gauge(
+            QUEUE_DEPTH_METRIC, "rollouts admitted and not yet answered (autoscaling signal)",
+            registry=r)
+        self.batch_queue_depth = Gauge(
+            "hero_batch_queue_depth", "rollouts waiting for or inside the RM batcher", registry=r)
+        self.batch_size = Histogram(
+            "hero_batch_size", "rollouts per RM forward batch", buckets=_SIZE_BUCKETS, registry=r)
+        self.batch_tokens = Histogram(
+            "hero_batch_tokens", "padded tokens per RM forward batch", buckets=_TOKEN_BUCKETS,
+            registry=r)
+        self.padding_ratio = Histogram(
+            "hero_batch_padding_ratio", "share of padded tokens in a batch",
+            buckets=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0), registry=r)
+        self.forward_seconds = Histogram(
+            "hero_model_forward_seconds", "RM forward time per batch", buckets=_LATENCY_BUCKETS,
+            registry=r)
+        self.oom_splits = Counter(
+            "hero_batch_oom_splits", "batches split in half after out-of-memory", registry=r)
+        self.deduplicated_rollouts = Counter(
+            "hero_deduplicated_rollouts", "rollouts that shared an identical in-flight RM input",
+            registry=r)
+        self.rejected = Counter(
+            "hero_rejected_requests", "requests refused before scoring", ["reason"], registry=r)
+        self.sigma_ref = Gauge(
+            "hero_sigma_ref_running", "server-side running mean of group sigma (get_reward)",
+            registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

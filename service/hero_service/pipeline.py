@@ -1,0 +1,223 @@
+"""The scoring pipeline: validate → dedupe → fan out (verifier pool ‖ RM batcher) → HERO combine.
+
+Nothing here knows about HTTP; the routes turn requests into calls of :meth:`Pipeline.score`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from hero_client.schema import Group, GroupResult, RewardsRequest, RewardsResponse, Timings
+
+from . import hero
+from .batching import Batcher
+from .config import Settings
+from .errors import InputError, Overloaded, ScoringFailed
+from .metrics import Metrics
+from .reward_models import RewardModel, RewardModelError, ScoringItem
+from .verifiers import Verdict, Verifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _RMResult:
+    scores: list[float]
+    truncated: list[bool]
+    queue_ms: float
+
+
+def _prompt_value(group: Group) -> str | list[dict[str, str]]:
+    if isinstance(group.prompt, str):
+        return group.prompt
+    return [m.model_dump() for m in group.prompt]
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        reward_model: RewardModel,
+        batcher: Batcher,
+        verifiers: dict[str, Verifier],
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.reward_model = reward_model
+        self.batcher = batcher
+        self.verifiers = verifiers
+        self.metrics = metrics
+        self._admitted = 0
+
+    # -- validation ------------------------------------------------------------------------
+
+    def check(self, request: RewardsRequest) -> Verifier:
+        """Semantic checks the schema cannot express; raises InputError naming the field."""
+        s = self.settings
+        if len(request.groups) > s.max_groups:
+            raise InputError(f"{len(request.groups)} groups; the limit is {s.max_groups}", "groups")
+        verifier = self.verifiers[request.verifier or s.verifier]
+        needs_rm = request.mode != "verifier"
+        for g, group in enumerate(request.groups):
+            where = f"groups[{g}]"
+            if len(group.responses) > s.max_responses_per_group:
+                raise InputError(
+                    f"{len(group.responses)} responses; the limit is {s.max_responses_per_group}",
+                    f"{where}.responses")
+            for r, response in enumerate(group.responses):
+                if len(response) > s.max_response_chars:
+                    raise InputError(
+                        f"{len(response)} characters; the limit is {s.max_response_chars}",
+                        f"{where}.responses[{r}]")
+            if group.reference is None and verifier.needs_reference:
+                raise InputError(f"the {verifier.name!r} verifier needs a reference answer",
+                                 f"{where}.reference")
+            if (needs_rm and group.rm_scores is None and group.reference is None
+                    and self.reward_model.needs_reference):
+                raise InputError(
+                    f"reward model {self.reward_model.model_id!r} scores against a reference; "
+                    "send one, or send rm_scores", f"{where}.reference")
+        return verifier
+
+    # -- scoring ---------------------------------------------------------------------------
+
+    async def score(
+        self, request: RewardsRequest, sigma_ref: Optional[float] = None
+    ) -> RewardsResponse:
+        """Score a request. ``sigma_ref`` (the server's running mean) applies only when the
+        request sends none."""
+        started = time.perf_counter()
+        verifier = self.check(request)
+        n_rollouts = sum(len(g.responses) for g in request.groups)
+        self._admit(n_rollouts)
+        try:
+            verify_task = asyncio.ensure_future(self._verify(verifier, request.groups))
+            rm_task = asyncio.ensure_future(self._reward_model_scores(request))
+            # Both run to completion even if one fails, so no work is orphaned.
+            outcomes = await asyncio.gather(verify_task, rm_task, return_exceptions=True)
+        finally:
+            self._release(n_rollouts)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        (verdicts, verify_ms), (rm_results, rm_ms) = outcomes  # type: ignore[misc]
+        response = self._combine(request, verifier, verdicts, rm_results, sigma_ref)
+        response.timings_ms = Timings(
+            queue=max((r.queue_ms for r in rm_results if r is not None), default=0.0),
+            verifier=verify_ms,
+            reward_model=rm_ms,
+            total=(time.perf_counter() - started) * 1000.0,
+        )
+        self.metrics.rollouts_scored.labels(request.mode).inc(n_rollouts)
+        return response
+
+    def _admit(self, n: int) -> None:
+        limit = self.settings.max_queued_rollouts
+        if self._admitted and self._admitted + n > limit:
+            self.metrics.rejected.labels("overloaded").inc()
+            raise Overloaded(f"{self._admitted} rollouts in flight (limit {limit}); retry later")
+        self._admitted += n
+        self.metrics.queue_depth.set(self._admitted)
+
+    def _release(self, n: int) -> None:
+        self._admitted -= n
+        self.metrics.queue_depth.set(self._admitted)
+
+    @property
+    def in_flight(self) -> int:
+        return self._admitted
+
+    async def _verify(
+        self, verifier: Verifier, groups: Sequence[Group]
+    ) -> tuple[list[list[Verdict]], float]:
+        started = time.perf_counter()
+
+        async def one(group: Group) -> list[Verdict]:
+            unique = list(dict.fromkeys(group.responses))  # identical responses verified once
+            verdicts = dict(zip(unique, await verifier.verify(group.reference, unique)))
+            return [verdicts[r] for r in group.responses]
+
+        results = list(await asyncio.gather(*(one(g) for g in groups)))
+        for verdicts in results:
+            for v in verdicts:
+                self.metrics.verifier_outcomes.labels(verifier.name, v.status).inc()
+        return results, (time.perf_counter() - started) * 1000.0
+
+    async def _reward_model_scores(
+        self, request: RewardsRequest
+    ) -> tuple[list[_RMResult | None], float]:
+        """RM scores per group: the client's own, the model's, or None (verifier mode)."""
+        started = time.perf_counter()
+        results: list[_RMResult | None] = [None] * len(request.groups)
+        items: list[ScoringItem] = []
+        owners: list[int] = []
+        for g, group in enumerate(request.groups):
+            if group.rm_scores is not None:
+                results[g] = _RMResult(list(group.rm_scores), [False] * len(group.responses), 0.0)
+            elif request.mode != "verifier":
+                prompt = _prompt_value(group)
+                items.extend(ScoringItem(prompt, r, group.reference) for r in group.responses)
+                owners.extend([g] * len(group.responses))
+        if items:
+            try:
+                encoded = await asyncio.to_thread(self.reward_model.encode, items)
+                scored = await self.batcher.score(encoded)
+            except RewardModelError as exc:
+                raise ScoringFailed(str(exc)) from exc
+            for g in dict.fromkeys(owners):
+                idx = [i for i, owner in enumerate(owners) if owner == g]
+                results[g] = _RMResult(
+                    scores=[scored[i].score for i in idx],
+                    truncated=[encoded[i].truncated for i in idx],
+                    queue_ms=max(scored[i].queue_ms for i in idx),
+                )
+        return results, (time.perf_counter() - started) * 1000.0
+
+    def _combine(
+        self,
+        request: RewardsRequest,
+        verifier: Verifier,
+        verdicts: list[list[Verdict]],
+        rm_results: list[_RMResult | None],
+        running_sigma_ref: Optional[float],
+    ) -> RewardsResponse:
+        p = request.params
+        params = hero.HeroParams(
+            alpha=p.alpha, beta=p.beta, w_min=p.w_min, w_max=p.w_max, k=p.k, epsilon=p.epsilon,
+            tie_policy=p.tie_policy, weight_gap=p.weight_gap, advantage=p.advantage,
+        )
+        sigmas = [hero.group_sigma(r.scores) if r else None for r in rm_results]
+        sigma_ref = p.sigma_ref
+        if sigma_ref is None:
+            sigma_ref = running_sigma_ref
+        if sigma_ref is None:
+            sigma_ref = hero.default_sigma_ref(sigmas)
+        groups = []
+        for g, group in enumerate(request.groups):
+            rm = rm_results[g]
+            verified = [v.verified for v in verdicts[g]]
+            result = hero.score_group(
+                request.mode, verified, rm.scores if rm else None, params, sigma_ref)
+            groups.append(GroupResult(
+                id=group.id if group.id is not None else str(g),
+                sigma=result.sigma,
+                weight=result.weight,
+                rewards=result.rewards,
+                advantages=result.advantages,
+                verified=verified,
+                verifier_status=[v.status for v in verdicts[g]],
+                rm_scores=rm.scores if rm else None,
+                normalized=result.normalized,
+                truncated=rm.truncated if rm else [False] * len(group.responses),
+            ))
+        return RewardsResponse(
+            request_id=request.request_id,
+            mode=request.mode,
+            reward_model=self.reward_model.model_id,
+            verifier=verifier.name,  # type: ignore[arg-type]
+            sigma_ref=sigma_ref,
+            groups=groups,
+        )

@@ -1,0 +1,74 @@
+"""The reward-model plug-in interface.
+
+A backend splits its work in two so the batcher can do its job: ``encode`` (tokenization and
+truncation; any thread, per request) turns items into token sequences whose lengths drive the
+token budget and the length sort; ``forward`` (only ever on the one inference thread) scores a
+batch of encoded items."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Sequence, Union
+
+Messages = list[dict[str, str]]
+PromptLike = Union[str, Messages]
+
+
+@dataclass(frozen=True)
+class ScoringItem:
+    prompt: PromptLike
+    response: str
+    reference: str | None = None
+
+
+@dataclass
+class Encoded:
+    """A tokenized item. ``key`` identifies identical inputs so they are scored once."""
+
+    key: Hashable
+    n_tokens: int
+    truncated: bool
+    payload: Any = field(repr=False)
+
+
+class RewardModelError(RuntimeError):
+    """The backend failed to score a batch (after OOM splitting, for local models)."""
+
+
+class RewardModel(abc.ABC):
+    model_id: str
+    needs_reference: bool = False
+    max_tokens: int
+
+    @abc.abstractmethod
+    def encode(self, items: Sequence[ScoringItem]) -> list[Encoded]:
+        ...
+
+    @abc.abstractmethod
+    def forward(self, batch: Sequence[Encoded]) -> list[float]:
+        ...
+
+    def close(self) -> None:
+        """Release the model (called once, at shutdown)."""
+
+
+def prompt_key(prompt: PromptLike) -> Hashable:
+    if isinstance(prompt, str):
+        return prompt
+    return tuple((m["role"], m["content"]) for m in prompt)
+
+
+def as_messages(prompt: PromptLike) -> Messages:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}] if prompt else []
+    return [dict(m) for m in prompt]
+
+
+def tail(ids: Sequence[int], limit: int) -> tuple[list[int], bool]:
+    """Keep the *end* of a token sequence (where the final answer is); say if anything was cut."""
+    if limit <= 0:
+        return [], bool(ids)
+    if len(ids) <= limit:
+        return list(ids), False
+    return list(ids[-limit:]), True
