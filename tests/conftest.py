@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from support import DEV_DATA, ServerProcess, load_dev_rows  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def dev_rows() -> list[dict]:
+    if not DEV_DATA.exists():
+        pytest.fail(f"dev data not found at {DEV_DATA} (set HERO_DEV_DATA)")
+    return load_dev_rows()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ServerProcess]:
+    """One real service (embedded MiniLM RM + math verifier pool) for the API tests."""
+    with ServerProcess(["--verifier-workers", "2", "--api-key", "test-key"]) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="session")
+def auth() -> dict[str, str]:
+    return {"Authorization": "Bearer test-key"}
