@@ -1,0 +1,154 @@
+"""The Python SDK: typed results against the real service; retries against a real overloaded
+server; chunking; the transport seam with httpx.MockTransport for exact retry semantics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from hero_client import (
+    AsyncHeroClient,
+    HeroAPIError,
+    HeroClient,
+    HeroConnectionError,
+    RetryPolicy,
+    RewardsResponse,
+    RunningSigma,
+)
+from hero_client._client import chunk_groups
+from hero_client.schema import Group
+from support import free_port, running_server
+
+
+def dev_groups(rows):
+    return [{"id": r["id"], "prompt": r["prompt"], "reference": r["reference"],
+             "responses": r["responses"], "rm_scores": r["rm72b_scores"]} for r in rows]
+
+
+def test_score_returns_typed_results(server, dev_rows):
+    with HeroClient(server.url, api_key="test-key") as client:
+        result = client.score(dev_groups(dev_rows[:5]), request_id="t1")
+        info = client.info()
+    assert isinstance(result, RewardsResponse) and result.request_id == "t1"
+    assert [g.id for g in result.groups] == [r["id"] for r in dev_rows[:5]]
+    assert all(len(g.advantages) == 8 for g in result.groups)
+    assert info.verifier == "math"
+
+
+def test_chunked_scoring_matches_one_request_with_the_same_sigma_ref(server, dev_rows):
+    groups = dev_groups(dev_rows[:12])
+    with HeroClient(server.url, api_key="test-key", max_groups_per_request=5) as chunked, \
+            HeroClient(server.url, api_key="test-key") as whole:
+        a = chunked.score(groups, sigma_ref=0.2)
+        b = whole.score(groups, sigma_ref=0.2)
+    assert [g.id for g in a.groups] == [g.id for g in b.groups]
+    assert [g.rewards for g in a.groups] == [g.rewards for g in b.groups]
+
+
+def test_running_sigma_is_sent_and_updated(server, dev_rows):
+    running = RunningSigma()
+    with HeroClient(server.url, api_key="test-key", running_sigma=running) as client:
+        first = client.score(dev_groups(dev_rows[:4]))
+        after_first = running.value
+        second = client.score(dev_groups(dev_rows[4:8]))
+    batch1 = [g.sigma for g in first.groups]
+    assert after_first == pytest.approx(sum(batch1) / 4)
+    assert second.sigma_ref == pytest.approx(after_first)  # the client sent sigma-bar
+    batch2 = sum(g.sigma for g in second.groups) / 4
+    assert running.value == pytest.approx(0.9 * after_first + 0.1 * batch2)
+
+
+def test_async_client(server, dev_rows):
+    async def go():
+        async with AsyncHeroClient(server.url, api_key="test-key", max_groups_per_request=2,
+                                   max_concurrency=2) as client:
+            return await client.score(dev_groups(dev_rows[:5]), mode="verifier")
+
+    result = asyncio.run(go())
+    assert len(result.groups) == 5 and all(g.weight == 1.0 for g in result.groups)
+
+
+def test_api_errors_are_typed(server):
+    with HeroClient(server.url, api_key="test-key") as client:
+        with pytest.raises(HeroAPIError) as err:
+            client.score([{"prompt": "p", "responses": ["a"]}])
+    assert err.value.status == 422 and err.value.field == "groups[0].reference"
+    with HeroClient(server.url, api_key="wrong") as client, pytest.raises(HeroAPIError) as err:
+        client.score([{"reference": "1", "responses": ["a"]}])
+    assert err.value.status == 401
+
+
+def test_retries_ride_out_a_real_overloaded_server(dev_rows):
+    """A real service with a tiny queue: concurrent callers get 429s, the SDK retries them, and
+    every group is scored exactly once in its caller's result."""
+    rows = dev_rows[:16]
+    with running_server("--max-queued-rollouts", "16", "--verifier-workers", "1") as srv:
+        async def caller(client, row, i):
+            group = {"id": f"g{i}", "reference": row["reference"],
+                     "responses": [f"{x} (#{i})" for x in row["responses"]]}
+            return await client.score([group])
+
+        async def go():
+            async with AsyncHeroClient(srv.url, retry=RetryPolicy(max_attempts=60,
+                                                                  backoff_s=0.05)) as client:
+                return await asyncio.gather(*(caller(client, r, i) for i, r in enumerate(rows)))
+
+        results = asyncio.run(go())
+        metrics = httpx.get(srv.url + "/metrics").text
+    assert [r.groups[0].id for r in results] == [f"g{i}" for i in range(16)]
+    assert all(len(r.groups[0].rewards) == 8 for r in results)
+    rejected = [line for line in metrics.splitlines()
+                if line.startswith('hero_rejected_requests_total{reason="overloaded"}')]
+    assert rejected and float(rejected[0].split()[-1]) > 0, "the server never pushed back"
+
+
+def _rewards_body(request: httpx.Request) -> dict:
+    groups = json.loads(request.content)["groups"]
+    return {"mode": "hero", "reward_model": "m", "verifier": "math", "sigma_ref": 0.1,
+            "groups": [{"id": g.get("id") or "0", "weight": 1.0, "rewards": [0.0],
+                        "verified": [False], "verifier_status": ["incorrect"],
+                        "normalized": [0.0], "truncated": [False]} for g in groups]}
+
+
+def test_retry_after_is_honoured_via_the_transport_seam():
+    calls: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            return httpx.Response(429, headers={"Retry-After": "0.3"},
+                                  json={"error": {"code": "overloaded", "message": "busy"}})
+        return httpx.Response(200, json=_rewards_body(request))
+
+    with HeroClient("http://hero.test", transport=httpx.MockTransport(handler)) as client:
+        result = client.score([{"reference": "1", "responses": ["a"]}])
+    assert len(calls) == 3 and result.groups[0].rewards == [0.0]
+    assert calls[1] - calls[0] >= 0.29 and calls[2] - calls[1] >= 0.29
+
+
+def test_gives_up_after_max_attempts_with_the_last_error():
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, json={"error": {"code": "not_ready", "message": "starting"}})
+
+    client = HeroClient("http://hero.test", transport=httpx.MockTransport(handler),
+                        retry=RetryPolicy(max_attempts=3, backoff_s=0.01))
+    with pytest.raises(HeroAPIError) as err:
+        client.score([{"reference": "1", "responses": ["a"]}])
+    assert err.value.status == 503 and err.value.code == "not_ready"
+
+
+def test_connection_errors_are_retried_then_reported():
+    client = HeroClient(f"http://127.0.0.1:{free_port()}",
+                        retry=RetryPolicy(max_attempts=2, backoff_s=0.01))
+    with pytest.raises(HeroConnectionError):
+        client.score([{"reference": "1", "responses": ["a"]}])
+
+
+def test_chunking_never_splits_a_group():
+    groups = [Group(responses=["x"] * n) for n in (3, 3, 10, 1, 1, 1)]
+    chunks = chunk_groups(groups, max_groups=2, max_rollouts=6)
+    assert [[len(g.responses) for g in c] for c in chunks] == [[3, 3], [10], [1, 1], [1]]
