@@ -45,7 +45,7 @@ class Settings(BaseSettings):
 
     # Verifier pool.
     verifier_workers: int = Field(0, ge=0, description="worker processes; 0 = one per core")
-    verifier_timeout_s: int = Field(5, ge=1, description="hard per-response verifier timeout (s)")
+    verifier_timeout_s: int = Field(5, ge=1, description="math-verify timeout per parse/compare (s); a stuck worker is killed after 2x+1 s")
     verifier_max_tasks: int = Field(2000, ge=1, description="recycle a worker after this many tasks")
     verifier_memory_mb: int = Field(2048, ge=0, description="address-space cap per worker; 0 = none")
 
@@ -54,12 +54,12 @@ class Settings(BaseSettings):
     group_timeout_s: float = Field(30.0, gt=0, description="score a partial group after this wait")
 
     # Input limits.
-    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
-    max_groups: int = Field(1024, ge=1)
-    max_responses_per_group: int = Field(256, ge=1)
-    max_response_chars: int = Field(200_000, ge=1)
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body; beyond it: 413")
+    max_groups: int = Field(1024, ge=1, description="groups per request")
+    max_responses_per_group: int = Field(256, ge=1, description="responses per group")
+    max_response_chars: int = Field(200_000, ge=1, description="characters per response")
 
-    log_level: str = Field("info")
+    log_level: str = Field("info", description="debug | info | warning | error")
 
     @field_validator("reward_model")
     @classmethod
