@@ -55,8 +55,6 @@ def test_curl_example_returns_what_the_readme_shows(keyless_server):
 
 def test_every_setting_is_documented():
     for name in Settings.model_fields:
-        if name in ("group_size", "group_timeout_s"):
-            continue  # documented with group assembly
         assert f"`HERO_{name.upper()}`" in README, name
         assert f"`--{name.replace('_', '-')}`" in README, name
 

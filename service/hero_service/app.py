@@ -16,6 +16,7 @@ from . import __version__
 from .batching import Batcher
 from .config import Settings
 from .http.errors import install_error_handlers
+from .http.openrlhf import GetRewardScorer
 from .http.middleware import BodySizeLimit, RequestMetrics
 from .http.routes import router
 from .metrics import Metrics
@@ -57,7 +58,9 @@ class Service:
         self.pipeline: Optional[Pipeline] = None
         self.verifiers: dict[str, Verifier] = {}
         self.running_sigma = RunningSigma()
+        self.get_reward_scorer: Optional[GetRewardScorer] = None
         self.draining = False
+        self.active_requests = 0  # scoring requests being answered (maintained by middleware)
 
     def ready(self) -> bool:
         return (self.pipeline is not None and not self.draining
@@ -90,13 +93,19 @@ def create_app(
             model, max_batch_tokens=settings.max_batch_tokens, max_wait_ms=settings.max_wait_ms,
             max_queued=settings.max_queued_rollouts, metrics=metrics)
         batcher.start()
+        pipeline = Pipeline(settings, model, batcher, verifiers, metrics)
+        service.get_reward_scorer = GetRewardScorer(
+            pipeline, service.running_sigma, lambda v: metrics.sigma_ref.set(v or 0.0),
+            settings.group_size, settings.group_timeout_s, settings.max_queued_rollouts)
         service.verifiers = verifiers
-        service.pipeline = Pipeline(settings, model, batcher, verifiers, metrics)
+        service.pipeline = pipeline
         log.info("ready: reward_model=%s verifier=%s", model.model_id, settings.verifier)
         try:
             yield
         finally:
             service.draining = True
+            if service.get_reward_scorer and service.get_reward_scorer.assembler:
+                await service.get_reward_scorer.assembler.flush_all()
             batcher.stop()
             await asyncio.gather(*(v.close() for v in verifiers.values()))
             model.close()
@@ -111,6 +120,6 @@ def create_app(
     app.state.api_key = settings.resolved_api_key()
     install_error_handlers(app)
     app.include_router(router)
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RequestMetrics, metrics=metrics, service=service)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

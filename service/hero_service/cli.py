@@ -52,15 +52,17 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from .app import create_app
+    from .server import DrainingServer
 
     configure_logging(settings.log_level)
     settings.check_bind_safety()
     logging.getLogger("hero_service").info(
         "settings: %s", json.dumps(settings.describe(), sort_keys=True))
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port,
-        log_level=settings.log_level.lower(), workers=1, access_log=False,
-    )
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            log_level=settings.log_level.lower(), access_log=False,
+                            timeout_graceful_shutdown=30)
+    DrainingServer(config, app, settings.drain_timeout_s).run()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     max_responses_per_group: int = Field(256, ge=1, description="responses per group")
     max_response_chars: int = Field(200_000, ge=1, description="characters per response")
 
+    drain_timeout_s: float = Field(
+        120.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish")
+
     log_level: str = Field("info", description="debug | info | warning | error")
 
     @field_validator("reward_model")

@@ -78,12 +78,17 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-class RequestMetrics:
-    """Counts and times every request by route; logs one line per scoring request."""
+UNTRACKED_PATHS = ("/healthz", "/readyz", "/metrics")
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+
+class RequestMetrics:
+    """Counts and times every request by route, logs one line per scoring request, and keeps
+    ``service.active_requests`` (what a graceful drain waits for)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, service: Any) -> None:
         self.app = app
         self.metrics = metrics
+        self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -101,14 +106,19 @@ class RequestMetrics:
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             await send(message)
 
+        tracked = scope["path"] not in UNTRACKED_PATHS
+        if tracked:
+            self.service.active_requests += 1
         try:
             await self.app(scope, receive, capture)
         finally:
+            if tracked:
+                self.service.active_requests -= 1
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
             elapsed = time.perf_counter() - started
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.request_seconds.labels(endpoint).observe(elapsed)
-            if endpoint not in ("/healthz", "/readyz", "/metrics"):
+            if tracked:
                 log.info("request_id=%s %s %s status=%d ms=%.1f", request_id, scope["method"],
                          scope["path"], status, elapsed * 1000)

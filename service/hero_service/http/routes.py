@@ -15,7 +15,6 @@ from hero_client.schema import (
 )
 
 from ..errors import InputError, NotReady
-from . import openrlhf
 from .auth import require_api_key
 from .errors import error_response
 
@@ -38,19 +37,16 @@ async def rewards(body: RewardsRequest, request: Request) -> RewardsResponse:
 @router.post("/get_reward", response_model=GetRewardResponse, responses=_ERRORS,
              dependencies=[Depends(require_api_key)])
 async def get_reward(body: GetRewardRequest, request: Request) -> GetRewardResponse:
-    """OpenRLHF ``--remote_rm_url`` endpoint. Groups are the queries sharing a prompt; sigma_ref
-    is the server's running mean (OpenRLHF cannot send one)."""
+    """OpenRLHF ``--remote_rm_url`` endpoint. Groups are the queries sharing a prompt (and label);
+    with ``--group-size`` they may arrive across requests. sigma_ref is the server's running mean
+    (OpenRLHF cannot send one)."""
     service = _service(request)
     pipeline = service.require_pipeline()
     verifier = pipeline.verifiers[service.settings.verifier]
     if body.labels is None and verifier.needs_reference:
         raise InputError(f"the {verifier.name!r} verifier needs labels (pass --label_key)",
                          "labels")
-    groups, placements = openrlhf.to_groups(body)
-    result = await pipeline.score(RewardsRequest(groups=groups), service.running_sigma.value)
-    service.metrics.sigma_ref.set(service.running_sigma.update(g.sigma for g in result.groups)
-                                  or 0.0)
-    return openrlhf.from_result(result, placements)
+    return await service.get_reward_scorer.score(body)
 
 
 @router.get("/healthz")
