@@ -130,3 +130,36 @@ def build_tiny_decoder_rm(path: Path, *, hidden: int = 64, layers: int = 2,
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+class ThreadedServer:
+    """A real uvicorn serving an in-process app on loopback, for tests that inject faults through
+    the app factory's seams (e.g. a reward model that raises)."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.thread = None
+
+    def __enter__(self) -> "ThreadedServer":
+        import threading
+
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            time.sleep(0.1)
+        raise RuntimeError("threaded server not ready")
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(30)

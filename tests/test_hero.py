@@ -176,6 +176,19 @@ def test_hero_rewards_are_finite(group, ref):
     assert all(math.isfinite(x) for x in result.rewards + result.advantages)
 
 
+@given(st.lists(st.floats(-1e9, 1e9), min_size=1, max_size=8), st.data(),
+       st.floats(0.0, 1e9), st.floats(0.0, 1e3), st.floats(0.0, 1e3), st.floats(0.0, 1e3),
+       st.sampled_from(["absolute", "relative"]), st.sampled_from(["grpo", "dr_grpo", "rloo"]))
+def test_extreme_but_allowed_parameters_stay_finite(scores, data, ref, w_a, w_b, k, gap, adv):
+    """The wire schema's bounds (|rm score| <= 1e9, weights and k <= 1e3) keep outputs finite."""
+    verified = data.draw(st.lists(st.booleans(), min_size=len(scores), max_size=len(scores)))
+    params = hero.HeroParams(w_min=min(w_a, w_b), w_max=max(w_a, w_b), k=k, weight_gap=gap,
+                             advantage=adv)
+    result = hero.score_group("hero", verified, scores, params, ref)
+    values = result.rewards + result.advantages + result.normalized + [result.weight, result.sigma]
+    assert all(math.isfinite(x) for x in values)
+
+
 def test_default_sigma_ref_is_the_request_mean():
     assert hero.default_sigma_ref([1.0, None, 3.0]) == 2.0
     assert hero.default_sigma_ref([None]) is None

@@ -4,13 +4,15 @@ futures back to the requests (the queue → batching task → backend flow of TE
 Items from all concurrent requests wait in one queue. The inference thread waits up to
 ``max_wait_ms`` for a batch to fill, sorts what it took by length (to cut padding), packs it into
 batches whose *padded* size stays within ``max_batch_tokens``, runs them, and resolves each item's
-future on the event loop. Identical inputs in flight are scored once. A CUDA out-of-memory error
-splits the batch in half and retries; anything else fails only that batch's requests."""
+future on the event loop. Identical inputs in flight are scored once. A failing batch
+(CUDA out-of-memory, or an input that breaks the model) is split in half and retried, so only the
+items that cannot be scored fail, and only their requests get an error."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -173,30 +175,37 @@ class Batcher:
 
     def _run_batch(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
-        try:
-            scores = self._forward_splitting(batch)
-        except Exception as exc:  # noqa: BLE001 - the batch's requests get the error, not the server
-            log.exception("reward model failed on a batch of %d", len(batch))
-            error = exc if isinstance(exc, RewardModelError) else RewardModelError(
-                f"reward model failed: {type(exc).__name__}: {exc}")
-            for p in batch:
-                p.loop.call_soon_threadsafe(_resolve_error, p.future, error)
-            return
-        for p, score in zip(batch, scores):
-            result = ScoredItem(score=float(score), queue_ms=(started - p.enqueued_at) * 1000.0)
-            p.loop.call_soon_threadsafe(_resolve, p.future, result)
+        for p, outcome in zip(batch, self._score_isolating(batch)):
+            if isinstance(outcome, BaseException):
+                p.loop.call_soon_threadsafe(_resolve_error, p.future, outcome)
+            else:
+                result = ScoredItem(score=outcome, queue_ms=(started - p.enqueued_at) * 1000.0)
+                p.loop.call_soon_threadsafe(_resolve, p.future, result)
 
-    def _forward_splitting(self, batch: list[_Pending]) -> list[float]:
+    def _score_isolating(self, batch: list[_Pending]) -> list[float | RewardModelError]:
+        """Scores, or the error for the items that cannot be scored. A failing batch is split in
+        half and retried, so an out-of-memory batch still gets scored in smaller pieces and an
+        input that breaks the model fails alone, not the other requests batched with it."""
         try:
-            return self._forward(batch)
-        except Exception as exc:
-            if not is_out_of_memory(exc) or len(batch) == 1:
-                raise
-            release_cached_memory()
-            self.metrics.oom_splits.inc()
-            log.warning("out of memory on a batch of %d; splitting and retrying", len(batch))
+            return list(self._forward(batch))
+        except Exception as exc:  # noqa: BLE001 - isolated below, reported per item
+            if len(batch) == 1:
+                if is_out_of_memory(exc):
+                    release_cached_memory()
+                log.error("reward model failed on one input: %s: %s", type(exc).__name__, exc)
+                error = exc if isinstance(exc, RewardModelError) else RewardModelError(
+                    f"reward model failed: {type(exc).__name__}: {exc}")
+                return [error]
+            if is_out_of_memory(exc):
+                release_cached_memory()
+                self.metrics.oom_splits.inc()
+                log.warning("out of memory on a batch of %d; splitting and retrying", len(batch))
+            else:
+                self.metrics.failure_splits.inc()
+                log.warning("reward model failed on a batch of %d (%s: %s); splitting to isolate "
+                            "the input", len(batch), type(exc).__name__, exc)
             half = len(batch) // 2
-            return self._forward_splitting(batch[:half]) + self._forward_splitting(batch[half:])
+            return self._score_isolating(batch[:half]) + self._score_isolating(batch[half:])
 
     def _forward(self, batch: list[_Pending]) -> list[float]:
         lengths = [p.encoded.n_tokens for p in batch]
@@ -209,6 +218,8 @@ class Batcher:
         self.metrics.padding_ratio.observe(1.0 - sum(lengths) / padded)
         if len(scores) != len(batch):
             raise RewardModelError(f"backend returned {len(scores)} scores for {len(batch)} inputs")
+        if not all(math.isfinite(s) for s in scores):
+            raise RewardModelError("reward model returned a non-finite score (NaN or inf)")
         return scores
 
 

@@ -118,7 +118,10 @@ def variance_weight(
     gap = sigma - sigma_ref
     if weight_gap == "relative":
         gap = gap / sigma_ref if sigma_ref > 0 else 0.0
-    return w_min + (w_max - w_min) * sigmoid(k * gap)
+    # Past |k * gap| = 50 the sigmoid is 0 or 1 to double precision; clamping keeps 0 * inf
+    # (k = 0 with an overflowing relative gap) from becoming NaN.
+    z = k * max(-1e12, min(1e12, gap))
+    return w_min + (w_max - w_min) * sigmoid(z)
 
 
 def advantages(values: Sequence[float], weight: float, kind: AdvantageKind) -> list[float] | None:

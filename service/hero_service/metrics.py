@@ -49,6 +49,9 @@ class Metrics:
             registry=r)
         self.oom_splits = Counter(
             "hero_batch_oom_splits", "batches split in half after out-of-memory", registry=r)
+        self.failure_splits = Counter(
+            "hero_batch_failure_splits", "batches split in half to isolate an input that failed",
+            registry=r)
         self.deduplicated_rollouts = Counter(
             "hero_deduplicated_rollouts", "rollouts that shared an identical in-flight RM input",
             registry=r)

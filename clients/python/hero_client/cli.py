@@ -1,4 +1,5 @@
-"""The ``hero-rewards`` command: ``serve`` runs the service (needs the [server] extra)."""
+"""The ``hero-rewards`` command: ``serve`` runs the service (needs the [server] extra); ``score``
+scores a JSONL file of prompt groups against a running service (client only)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ USAGE = """usage: hero-rewards COMMAND [options]
 
 commands:
   serve     run the HTTP service (pip install 'hero-rewards[server]')
+  score     score a JSONL file of prompt groups with a running service (resumable)
 
 Run 'hero-rewards COMMAND --help' for a command's options."""
 
@@ -27,6 +29,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"({exc})", file=sys.stderr)
             return 2
         return serve_main(rest)
+    if command == "score":
+        from ._jsonl import main as score_main
+
+        return score_main(rest)
     print(f"hero-rewards: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -19,6 +19,11 @@ VerifierName = Literal["math", "exact", "numeric", "none"]
 AdvantageKind = Literal["grpo", "dr_grpo", "rloo", "none"]
 TiePolicy = Literal["bottom", "middle"]
 WeightGap = Literal["absolute", "relative"]
+# Bounds that keep every reward finite (min-max ranges, std and w * advantage cannot overflow).
+MAX_ABS_RM_SCORE = 1e9
+MAX_WEIGHT = 1e3
+MAX_K = 1e3
+
 VerifierStatus = Literal["correct", "incorrect", "no_answer", "timeout", "error", "skipped"]
 
 
@@ -38,11 +43,12 @@ class ChatMessage(_Request):
 Prompt = Union[str, list[ChatMessage]]
 
 
-def _check_finite(values: list[float] | None, what: str) -> list[float] | None:
+def _check_scores(values: list[float] | None, what: str) -> list[float] | None:
     if values is not None:
         for i, v in enumerate(values):
-            if not math.isfinite(v):
-                raise ValueError(f"{what}[{i}] must be a finite number, got {v}")
+            if not math.isfinite(v) or abs(v) > MAX_ABS_RM_SCORE:
+                raise ValueError(
+                    f"{what}[{i}] must be a finite number within ±{MAX_ABS_RM_SCORE:g}, got {v}")
     return values
 
 
@@ -52,12 +58,12 @@ class HeroParams(_Request):
 
     alpha: float = Field(0.1, ge=0.0, description="half-width of the incorrect band [-alpha, alpha]")
     beta: float = Field(0.1, ge=0.0, description="half-width of the correct band [1-beta, 1+beta]")
-    w_min: float = Field(0.4, ge=0.0)
-    w_max: float = Field(3.0, ge=0.0)
-    k: float = Field(6.0, ge=0.0, description="sigmoid sharpness of the variance weight")
-    epsilon: float = Field(1e-6, gt=0.0, description="min-max denominator guard")
+    w_min: float = Field(0.4, ge=0.0, le=MAX_WEIGHT)
+    w_max: float = Field(3.0, ge=0.0, le=MAX_WEIGHT)
+    k: float = Field(6.0, ge=0.0, le=MAX_K, description="sigmoid sharpness of the variance weight")
+    epsilon: float = Field(1e-6, gt=0.0, le=1.0, description="min-max denominator guard")
     sigma_ref: Optional[float] = Field(
-        None, ge=0.0, description="running mean of group sigma; default: mean sigma of this request"
+        None, ge=0.0, le=MAX_ABS_RM_SCORE, description="running mean of group sigma; default: mean sigma of this request"
     )
     advantage: AdvantageKind = "grpo"
     tie_policy: TiePolicy = "bottom"
@@ -96,7 +102,7 @@ class Group(_Request):
     @field_validator("rm_scores")
     @classmethod
     def _finite_scores(cls, v: list[float] | None) -> list[float] | None:
-        return _check_finite(v, "rm_scores")
+        return _check_scores(v, "rm_scores")
 
     @model_validator(mode="after")
     def _scores_match(self) -> "Group":

@@ -1,0 +1,262 @@
+"""HERO rewards for verl.
+
+verl has two ways to call a custom reward function, and this module has one function for each.
+
+**verl >= 0.8: the reward loop** (``verl.experimental.reward_loop``; the trainer's only path in
+0.9). Its reward managers (``naive``, the default) call the function *once per sample*::
+
+    compute_score(data_source=..., solution_str=..., ground_truth=..., extra_info=...)
+
+awaiting it when it is a coroutine function, all samples of a batch concurrently. HERO needs the
+whole group, so :func:`compute_score` (async) posts each sample to the service's ``/get_reward``
+and the service assembles the group across requests: start it with ``--group-size`` equal to
+``actor_rollout_ref.rollout.n``. Configure verl with::
+
+    reward.custom_reward_function.path=/path/to/hero_verl.py     # from hero_client.adapters.verl import compute_score
+    reward.custom_reward_function.name=compute_score
+    +reward.custom_reward_function.reward_kwargs.url=http://hero:8000
+
+**verl's BatchRewardManager** (``verl/workers/reward_manager/batch.py``; the trainer's
+``reward_model.reward_manager=batch`` before the reward loop, still shipped in 0.9) calls the
+function once per batch::
+
+    compute_score(data_sources=..., solution_strs=..., ground_truths=..., extra_infos=..., **kwargs)
+
+and :func:`compute_score_batch` scores the batch's groups in one ``/v1/rewards`` call with a
+client-side running sigma-bar.
+
+**Which samples form a group.** verl passes no prompt and no group id to reward functions, only
+what the dataset put into ``extra_info``. Put there, when you preprocess the data:
+
+- ``index`` (verl's example preprocessing scripts already do) or ``uid``: a per-prompt id. The
+  samples of one prompt share it, so they form one group.
+- ``question`` or ``prompt``: the prompt text (a string or chat messages), which the service's RM
+  scores the response against (the gsm8k example script already writes ``question``).
+
+Without an id, samples are grouped by (data_source, prompt text, ground_truth); without the
+prompt text too, by (data_source, ground_truth) — two prompts with the same answer in one batch
+then merge into one group, and the RM sees no prompt.
+
+Both functions return a dict per sample: ``score`` (the HERO reward, or with
+``output="advantages"`` the HERO advantage — batch path only) and numeric ``hero_*`` fields
+(verified, RM score, weight, sigma-bar, partial) that verl keeps as reward extra info; every dict
+has the same keys, as verl requires. **The weight cancels under verl's default GRPO estimator**
+(``algorithm.norm_adv_by_std_in_grpo=True`` divides by the group std): set
+``algorithm.norm_adv_by_std_in_grpo=False`` (Dr. GRPO), or use ``algorithm.adv_estimator=rloo``.
+With ``norm_adv_by_std_in_grpo=False`` and ``output="advantages"``, verl's advantage is exactly
+HERO's (HERO advantages have mean 0 per group).
+
+URL and key come from keyword arguments (``reward_kwargs`` in verl's config) or the environment
+(``HERO_URL``, ``HERO_API_KEY``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+from typing import Any, Literal, Mapping, Optional, Sequence
+
+from .._client import DEFAULT_URL, AsyncHeroClient, HeroClient, ParamsLike
+from .._sigma import RunningSigma
+from ..schema import Group, Mode, VerifierName
+
+logger = logging.getLogger(__name__)
+
+ID_KEYS = ("uid", "index")
+PROMPT_KEYS = ("prompt", "question")
+
+_lock = threading.Lock()
+_clients: dict[tuple[str, Optional[str]], HeroClient] = {}
+_async_clients: dict[tuple[str, Optional[str], int], AsyncHeroClient] = {}
+_warned: set[str] = set()
+
+
+def _settings(url: Optional[str], api_key: Optional[str]) -> tuple[str, Optional[str]]:
+    return (url or os.environ.get("HERO_URL") or DEFAULT_URL).rstrip("/"), \
+        api_key or os.environ.get("HERO_API_KEY") or None
+
+
+def client_for(url: Optional[str] = None, api_key: Optional[str] = None,
+               timeout: float = 300.0) -> HeroClient:
+    """The process's client (with its running sigma-bar) for this service."""
+    key = _settings(url, api_key)
+    with _lock:
+        client = _clients.get(key)
+        if client is None:
+            client = HeroClient(key[0], api_key=key[1], timeout=timeout,
+                                running_sigma=RunningSigma())
+            _clients[key] = client
+        return client
+
+
+def _async_client_for(url: Optional[str], api_key: Optional[str],
+                      timeout: float) -> AsyncHeroClient:
+    # httpx's async client belongs to the event loop it runs on: one per loop (verl runs one
+    # loop per reward-loop worker).
+    base, key = _settings(url, api_key)
+    slot = (base, key, id(asyncio.get_running_loop()))
+    with _lock:
+        client = _async_clients.get(slot)
+        if client is None:
+            client = AsyncHeroClient(base, api_key=key, timeout=timeout)
+            _async_clients[slot] = client
+        return client
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def prompt_of(extra_info: Optional[Mapping[str, Any]]) -> Any:
+    """The prompt text the dataset put into extra_info (``prompt`` or ``question``), or None."""
+    info = extra_info or {}
+    for k in PROMPT_KEYS:
+        value = info.get(k)
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, (list, tuple)) and value:
+            return [{"role": m.get("role", "user") if m.get("role") in ("system", "user", "assistant")
+                     else "user", "content": str(m.get("content", ""))} for m in value]
+    return None
+
+
+def prompt_as_text(prompt: Any) -> str:
+    if prompt is None:
+        return ""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(m["content"] for m in prompt)
+
+
+def group_key(data_source: Any, ground_truth: Any, extra_info: Optional[Mapping[str, Any]]) -> str:
+    """The key that puts the samples of one prompt together (see the module docstring)."""
+    info = extra_info or {}
+    for k in ID_KEYS:
+        if info.get(k) is not None:
+            return json.dumps(["id", str(data_source), str(info[k])])
+    prompt = prompt_of(info)
+    if prompt is None:
+        _warn_once("hero verl adapter: extra_info has no 'index'/'uid' and no 'question'/'prompt'; "
+                   "grouping samples by (data_source, ground_truth)")
+    return json.dumps(["text", str(data_source), prompt_as_text(prompt), str(ground_truth)])
+
+
+def _reference(ground_truth: Any) -> Optional[str]:
+    if ground_truth is None:
+        return None
+    if isinstance(ground_truth, (list, tuple)):  # some verl datasets keep a list of answers
+        return str(ground_truth[0]) if ground_truth else None
+    return str(ground_truth)
+
+
+def compute_score_batch(
+    data_sources: Sequence[Any],
+    solution_strs: Sequence[str],
+    ground_truths: Sequence[Any],
+    extra_infos: Optional[Sequence[Optional[Mapping[str, Any]]]] = None,
+    *,
+    url: Optional[str] = None,
+    api_key: Optional[str] = None,
+    mode: Mode = "hero",
+    verifier: Optional[VerifierName] = None,
+    params: ParamsLike = None,
+    output: Literal["rewards", "advantages"] = "rewards",
+    timeout: float = 300.0,
+    **_: Any,
+) -> list[dict[str, float]]:
+    """verl ``BatchRewardManager`` reward function: one dict per sample, in input order."""
+    n = len(solution_strs)
+    infos = list(extra_infos) if extra_infos is not None else [None] * n
+    if not (len(data_sources) == len(ground_truths) == len(infos) == n):
+        raise ValueError(f"batch lengths differ: {len(data_sources)} data_sources, {n} "
+                         f"solution_strs, {len(ground_truths)} ground_truths, {len(infos)} extra_infos")
+    if output not in ("rewards", "advantages"):
+        raise ValueError(f"output must be 'rewards' or 'advantages', got {output!r}")
+    if n == 0:
+        return []
+    slots: dict[str, int] = {}
+    members: list[list[int]] = []
+    for i in range(n):
+        g = slots.setdefault(group_key(data_sources[i], ground_truths[i], infos[i]), len(members))
+        if g == len(members):
+            members.append([])
+        members[g].append(i)
+    groups = [Group(id=str(g), prompt=prompt_of(infos[idx[0]]) or "",
+                    reference=_reference(ground_truths[idx[0]]),
+                    responses=[solution_strs[i] for i in idx])
+              for g, idx in enumerate(members)]
+    result = client_for(url, api_key, timeout).score(groups, mode=mode, verifier=verifier,
+                                                     params=params)
+    out: list[Optional[dict[str, float]]] = [None] * n
+    for idx, group in zip(members, result.groups):
+        for j, i in enumerate(idx):
+            reward = group.rewards[j]
+            advantage = group.advantages[j] if group.advantages is not None else 0.0
+            out[i] = {
+                "score": advantage if output == "advantages" else reward,
+                "hero_reward": reward,
+                "hero_advantage": advantage,
+                "hero_verified": 1.0 if group.verified[j] else 0.0,
+                "hero_rm_score": group.rm_scores[j] if group.rm_scores is not None else 0.0,
+                "hero_weight": group.weight,
+                "hero_sigma": group.sigma if group.sigma is not None else 0.0,
+                "hero_sigma_ref": result.sigma_ref if result.sigma_ref is not None else 0.0,
+                "hero_partial": 0.0,
+            }
+    return out  # type: ignore[return-value]
+
+
+async def compute_score(
+    data_source: Any,
+    solution_str: str,
+    ground_truth: Any,
+    extra_info: Optional[Mapping[str, Any]] = None,
+    *,
+    url: Optional[str] = None,
+    api_key: Optional[str] = None,
+    timeout: float = 300.0,
+    **_: Any,
+) -> dict[str, float]:
+    """verl reward-loop reward function (one sample a call). Needs a service started with
+    ``--group-size`` = ``actor_rollout_ref.rollout.n``: the call returns when the sample's group
+    is complete (or the service's ``--group-timeout-s`` passed: ``hero_partial`` = 1)."""
+    prompt = prompt_of(extra_info)
+    group_key(data_source, ground_truth, extra_info)  # warns once when nothing identifies the prompt
+    # /get_reward groups by (prompt, label). The prompt string carries the prompt text when the
+    # dataset gave one; a per-prompt id without text still needs a distinct prompt to group by.
+    info = extra_info or {}
+    has_id = any(info.get(k) is not None for k in ID_KEYS)
+    if prompt is not None:
+        prompt_text = prompt_as_text(prompt)
+    elif has_id:
+        ident = next(info[k] for k in ID_KEYS if info.get(k) is not None)
+        prompt_text = f"[{data_source} #{ident}]"
+    else:
+        prompt_text = ""
+    if prompt is None and has_id:
+        _warn_once("hero verl adapter: extra_info has an id but no 'question'/'prompt'; the RM "
+                   "scores responses without their prompt")
+    client = _async_client_for(url, api_key, timeout)
+    response = await client.get_reward([solution_str], prompts=[prompt_text],
+                                       labels=[_reference(ground_truth)])
+    logs = response.extra_logs
+
+    def first(name: str) -> float:
+        value = logs.get(name)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        return float(value) if value is not None else 0.0
+
+    return {
+        "score": float(response.rewards[0]),
+        "hero_verified": first("verified"),
+        "hero_rm_score": first("rm_score"),
+        "hero_weight": first("hero_weight"),
+        "hero_sigma_ref": first("sigma_ref"),
+        "hero_partial": first("partial"),
+    }

@@ -1,0 +1,109 @@
+"""Hostile verifier inputs against a real service: every one is answered within the hard timeout,
+never as "correct", its neighbours keep their verdicts, memory stays bounded, and the next normal
+request is scored correctly."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import psutil
+import pytest
+
+from hostile_corpus import HOSTILE_CASES
+from support import running_server
+
+TIMEOUT_S = 1
+# The chunk's hard timeout (2t + 1) can fire once, then each response is retried alone (2t + 1).
+BOUND_S = 2 * (2 * TIMEOUT_S + 1) + 3
+
+
+def tree_rss_mb(pid: int) -> float:
+    proc = psutil.Process(pid)
+    procs = [proc, *proc.children(recursive=True)]
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
+
+
+@pytest.fixture(scope="module")
+def hostile_server():
+    with running_server("--verifier-workers", "2", "--verifier-timeout-s", str(TIMEOUT_S),
+                        "--verifier-memory-mb", "1536", "--max-response-chars", "2000000",
+                        "--max-body-bytes", str(64 * 2**20)) as srv:
+        yield srv
+
+
+def score(srv, responses):
+    return httpx.post(srv.url + "/v1/rewards", timeout=120, json={"groups": [
+        {"prompt": "What is 3 + 4?", "reference": "7", "responses": responses,
+         "rm_scores": [0.0] * len(responses)}]})
+
+
+def test_every_hostile_answer_is_contained(hostile_server, figures):
+    srv = hostile_server
+    score(srv, ["\\boxed{7}"])  # warm up
+    rss_before = tree_rss_mb(srv.proc.pid)
+    rss_peak = rss_before
+    statuses: dict[str, str] = {}
+    slowest = 0.0
+    for name, text in HOSTILE_CASES:
+        started = time.monotonic()
+        r = score(srv, ["\\boxed{7}", text, "\\boxed{8}"])
+        elapsed = time.monotonic() - started
+        slowest = max(slowest, elapsed)
+        assert r.status_code == 200, (name, r.text[:300])
+        status = r.json()["groups"][0]["verifier_status"]
+        assert status[0] == "correct" and status[2] == "incorrect", (name, status)
+        assert status[1] in ("timeout", "error", "incorrect", "no_answer"), (name, status)
+        assert elapsed < BOUND_S, (name, elapsed)
+        statuses[name] = status[1]
+        rss_peak = max(rss_peak, tree_rss_mb(srv.proc.pid))
+    after = score(srv, ["\\boxed{7}", "\\boxed{6}"]).json()["groups"][0]["verifier_status"]
+    assert after == ["correct", "incorrect"]
+    rss_after = tree_rss_mb(srv.proc.pid)
+    assert rss_peak - rss_before < 1500, (rss_before, rss_peak)
+    counts = {s: sum(v == s for v in statuses.values()) for s in sorted(set(statuses.values()))}
+    figures.record("hostile inputs", "cases tried", len(HOSTILE_CASES))
+    figures.record("hostile inputs", "outcomes", ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    figures.record("hostile inputs", "slowest answer (s)", slowest)
+    figures.record("hostile inputs", f"bound asserted (s, timeout {TIMEOUT_S} s)", BOUND_S)
+    figures.record("hostile inputs", "service+pool RSS before / peak / after (MB)",
+                   f"{rss_before:.0f} / {rss_peak:.0f} / {rss_after:.0f}")
+    print(statuses)
+
+
+def test_killed_worker_mid_task_is_retried_and_the_request_completes(hostile_server, figures):
+    """kill -9 every verifier worker while they chew on slow answers: the request still completes,
+    the affected responses are retried once and get their real verdicts."""
+    import threading
+
+    srv = hostile_server
+    responses = ["\\boxed{10^{10^{10^{10}}}}", "\\boxed{7}", "\\boxed{2^{2^{64}}}", "\\boxed{9}"]
+    killed: list[int] = []
+
+    def kill_workers_once():
+        time.sleep(0.4)  # the chunk is in a worker, inside math-verify's 1 s alarm
+        server = psutil.Process(srv.proc.pid)
+        for child in server.children(recursive=True):
+            # Workers are the fork server's children; the fork server itself stays.
+            if child.ppid() != srv.proc.pid:
+                child.kill()
+                killed.append(child.pid)
+
+    killer = threading.Thread(target=kill_workers_once)
+    killer.start()
+    r = score(srv, responses)
+    killer.join()
+    assert killed, "no worker was found to kill"
+    assert r.status_code == 200
+    status = r.json()["groups"][0]["verifier_status"]
+    assert status == ["timeout", "correct", "timeout", "incorrect"], status
+    again = score(srv, ["\\boxed{7}"]).json()["groups"][0]["verifier_status"]
+    assert again == ["correct"]
+    figures.record("faults", "verifier workers killed (kill -9) mid-request", len(killed))
+    figures.record("faults", "request outcome after the kill", f"200, statuses {status}")
