@@ -19,8 +19,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(BaseException):
+    """BaseException so the framework's body parser, which turns an Exception into a 400, lets
+    it through to this middleware."""
 
 
 def _json_error(status: int, code: str, message: str) -> tuple[dict[str, Any], bytes]:
