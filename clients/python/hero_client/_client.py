@@ -135,10 +135,27 @@ class _ClientBase:
             self.running_sigma.update(g.sigma for g in merged.groups)
         return merged
 
-    def _check(self, response: httpx.Response) -> httpx.Response:
-        if response.status_code >= 400:
-            raise api_error(response)
-        return response
+    def _retry_delay(self, what: str, attempt: int, outcome: "httpx.Response | Exception") -> float:
+        """Seconds to wait before retrying ``outcome`` of attempt ``attempt``, or raise: the
+        final error when retries are spent, or at once for errors not worth retrying."""
+        last = attempt >= self.retry.max_attempts
+        if isinstance(outcome, httpx.TimeoutException):
+            if last:
+                raise HeroTimeoutError(f"{what}: no answer in time") from outcome
+            return self.retry.delay(attempt)
+        if isinstance(outcome, httpx.TransportError):
+            if last:
+                raise HeroConnectionError(f"{what}: {outcome}") from outcome
+            return self.retry.delay(attempt)
+        if isinstance(outcome, Exception):
+            raise outcome
+        if outcome.status_code in RETRY_STATUSES and not last:
+            return self.retry.delay(attempt, retry_after_seconds(outcome))
+        raise api_error(outcome)
+
+    @staticmethod
+    def _succeeded(outcome: "httpx.Response | Exception") -> bool:
+        return isinstance(outcome, httpx.Response) and outcome.status_code < 400
 
 
 class HeroClient(_ClientBase):
@@ -161,24 +178,15 @@ class HeroClient(_ClientBase):
 
     def _send(self, method: str, path: str, json: Any = None) -> httpx.Response:
         for attempt in range(1, self.retry.max_attempts + 1):
-            last = attempt == self.retry.max_attempts
+            outcome: httpx.Response | Exception
             try:
-                response = self._http.request(method, path, json=json)
-            except httpx.TimeoutException as exc:
-                if last:
-                    raise HeroTimeoutError(f"{method} {path}: no answer in time") from exc
-                time.sleep(self.retry.delay(attempt))
-                continue
+                outcome = self._http.request(method, path, json=json)
             except httpx.TransportError as exc:
-                if last:
-                    raise HeroConnectionError(f"{method} {path}: {exc}") from exc
-                time.sleep(self.retry.delay(attempt))
-                continue
-            if response.status_code in RETRY_STATUSES and not last:
-                time.sleep(self.retry.delay(attempt, retry_after_seconds(response)))
-                continue
-            return self._check(response)
-        raise AssertionError("unreachable")
+                outcome = exc
+            if self._succeeded(outcome):
+                return outcome  # type: ignore[return-value]
+            time.sleep(self._retry_delay(f"{method} {path}", attempt, outcome))
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _post_rewards(self, request: RewardsRequest) -> RewardsResponse:
         body = request.model_dump(mode="json", exclude_none=True)
@@ -240,24 +248,15 @@ class AsyncHeroClient(_ClientBase):
 
     async def _send(self, method: str, path: str, json: Any = None) -> httpx.Response:
         for attempt in range(1, self.retry.max_attempts + 1):
-            last = attempt == self.retry.max_attempts
+            outcome: httpx.Response | Exception
             try:
-                response = await self._http.request(method, path, json=json)
-            except httpx.TimeoutException as exc:
-                if last:
-                    raise HeroTimeoutError(f"{method} {path}: no answer in time") from exc
-                await asyncio.sleep(self.retry.delay(attempt))
-                continue
+                outcome = await self._http.request(method, path, json=json)
             except httpx.TransportError as exc:
-                if last:
-                    raise HeroConnectionError(f"{method} {path}: {exc}") from exc
-                await asyncio.sleep(self.retry.delay(attempt))
-                continue
-            if response.status_code in RETRY_STATUSES and not last:
-                await asyncio.sleep(self.retry.delay(attempt, retry_after_seconds(response)))
-                continue
-            return self._check(response)
-        raise AssertionError("unreachable")
+                outcome = exc
+            if self._succeeded(outcome):
+                return outcome  # type: ignore[return-value]
+            await asyncio.sleep(self._retry_delay(f"{method} {path}", attempt, outcome))
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _post_rewards(self, request: RewardsRequest, limit: asyncio.Semaphore) -> RewardsResponse:
         body = request.model_dump(mode="json", exclude_none=True)
