@@ -22,6 +22,12 @@ $(VENV)/.dev-installed: pyproject.toml constraints.txt | $(PY)
 	# OpenRLHF's full dependency set (deepspeed, vllm, ray) does not install on CPU; its client
 	# code needs only aiohttp, so the tests take the real package without its dependencies.
 	$(PY) -m pip install --quiet --no-deps 'openrlhf==0.11.*'
+	# verl pins transformers<5.11 and its dependencies would downgrade packaging; the adapter
+	# tests need only its reward-manager and reward-loop code, so it too comes without its pins.
+	$(PY) -m pip install --quiet --no-deps 'verl==0.9.1' 'ray==2.60.0' 'tensordict==0.10.0' \
+		'pyvers==0.1.0' 'omegaconf==2.4.0' 'codetiming==1.4.0' 'msgpack==1.2.4' \
+		'protobuf==7.36.2' 'orjson==3.13.0' 'lazy-importer==0.1.0' 'importlib_metadata==10.2.0' \
+		'zipp==4.1.2'
 	touch $(VENV)/.server-installed $@
 
 install-server: $(VENV)/.server-installed

@@ -48,6 +48,16 @@ class InputError(ValueError):
     """A line of the input file that cannot become a group; the message says which and why."""
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hero-rewards score",
@@ -63,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["hero", "verifier", "rm"], default="hero")
     p.add_argument("--verifier", choices=["math", "exact", "numeric", "none"], default=None,
                    help="default: the server's")
-    p.add_argument("--params", type=json.loads, default=None, metavar="JSON",
+    p.add_argument("--params", type=_json_object, default=None, metavar="JSON",
                    help='HERO parameters, e.g. \'{"alpha": 0.05, "advantage": "rloo"}\' '
                         "(sigma_ref is kept by the running mean unless given here)")
     p.add_argument("--batch-groups", type=int, default=16, metavar="N",
@@ -76,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--max-attempts", type=int, default=6,
-                   help="tries per request (429/503/connection errors back off; default %(default)s)")
+                   help="tries per request (429/503/connection errors back off; "
+                        "default %(default)s)")
     return p
 
 

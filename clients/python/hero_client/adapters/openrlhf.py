@@ -2,8 +2,9 @@
 
 OpenRLHF (0.11) scores each rollout with a remote reward model: its ``SingleTurnAgentExecutor``
 (``openrlhf/utils/agent.py``) posts ``{"query": [prompt + response], "prompts": [prompt],
-"labels": [label]}`` to ``--reward.remote_url`` (``--remote_rm_url`` in older, flat-flag releases), *one sample per
-request*, the ``n_samples_per_prompt`` samples of a prompt concurrently. The service's
+"labels": [label]}`` to ``--reward.remote_url`` (``--remote_rm_url`` in older, flat-flag
+releases), *one sample per request*, the ``n_samples_per_prompt`` samples of a prompt
+concurrently. The service's
 ``/get_reward`` speaks that protocol; started with ``--group-size`` equal to
 ``--rollout.n_samples_per_prompt`` it holds the requests of one (prompt, label) until the group is
 complete, scores it as one HERO group with its server-side running sigma-bar, and answers each

@@ -145,12 +145,18 @@ class HeroRewardFunction:
         self.mode: Mode = mode
         self.verifier = verifier
         self.params = params
-        self.running_sigma = running_sigma if running_sigma is not None else RunningSigma()
         self._owns_client = client is None
-        self.client = client if client is not None else HeroClient(
-            url, api_key=api_key, timeout=timeout, running_sigma=self.running_sigma)
-        if client is not None and client.running_sigma is None:
-            client.running_sigma = self.running_sigma
+        if client is None:
+            self.running_sigma = running_sigma if running_sigma is not None else RunningSigma()
+            client = HeroClient(url, api_key=api_key, timeout=timeout,
+                                running_sigma=self.running_sigma)
+        else:  # the client's sigma-bar is the one sent; keep one state, not two
+            if running_sigma is not None:
+                client.running_sigma = running_sigma
+            elif client.running_sigma is None:
+                client.running_sigma = RunningSigma()
+            self.running_sigma = client.running_sigma
+        self.client = client
         self.calls = 0
         self.last_response: Optional[RewardsResponse] = None
 
@@ -184,8 +190,10 @@ class HeroRewardFunction:
             raise ValueError(f"column {name!r} has {len(values)} values for {n} completions")
         return [None if v is None else str(v) for v in values]
 
-    def build_groups(self, prompts: Sequence[Any], completions: Sequence[Any],
-                     references: Sequence[Optional[str]]) -> tuple[list[Group], list[tuple[int, int]]]:
+    def build_groups(
+        self, prompts: Sequence[Any], completions: Sequence[Any],
+        references: Sequence[Optional[str]],
+    ) -> tuple[list[Group], list[tuple[int, int]]]:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
         wire_prompts = [prompt_for_service(p) for p in prompts]
@@ -216,7 +224,8 @@ class HeroRewardFunction:
         if callable(log_metric):
             self._log(log_metric, result, spans)
         if callable(log_extra):
-            log_extra(f"{self.__name__}_status", [s for g in result.groups for s in g.verifier_status])
+            log_extra(f"{self.__name__}_status",
+                      [s for g in result.groups for s in g.verifier_status])
         return out
 
     def _log(self, log_metric: Any, result: RewardsResponse,

@@ -12,7 +12,8 @@ whole group, so :func:`compute_score` (async) posts each sample to the service's
 and the service assembles the group across requests: start it with ``--group-size`` equal to
 ``actor_rollout_ref.rollout.n``. Configure verl with::
 
-    reward.custom_reward_function.path=/path/to/hero_verl.py     # from hero_client.adapters.verl import compute_score
+    # hero_verl.py holds one line: from hero_client.adapters.verl import compute_score
+    reward.custom_reward_function.path=/path/to/hero_verl.py
     reward.custom_reward_function.name=compute_score
     +reward.custom_reward_function.reward_kwargs.url=http://hero:8000
 
@@ -57,6 +58,7 @@ import json
 import logging
 import os
 import threading
+import weakref
 from typing import Any, Literal, Mapping, Optional, Sequence
 
 from .._client import DEFAULT_URL, AsyncHeroClient, HeroClient, ParamsLike
@@ -70,7 +72,8 @@ PROMPT_KEYS = ("prompt", "question")
 
 _lock = threading.Lock()
 _clients: dict[tuple[str, Optional[str]], HeroClient] = {}
-_async_clients: dict[tuple[str, Optional[str], int], AsyncHeroClient] = {}
+_async_clients: dict[tuple[str, Optional[str], int],
+                     tuple["weakref.ref[asyncio.AbstractEventLoop]", AsyncHeroClient]] = {}
 _warned: set[str] = set()
 
 
@@ -97,13 +100,14 @@ def _async_client_for(url: Optional[str], api_key: Optional[str],
     # httpx's async client belongs to the event loop it runs on: one per loop (verl runs one
     # loop per reward-loop worker).
     base, key = _settings(url, api_key)
-    slot = (base, key, id(asyncio.get_running_loop()))
+    loop = asyncio.get_running_loop()
+    slot = (base, key, id(loop))
     with _lock:
-        client = _async_clients.get(slot)
-        if client is None:
-            client = AsyncHeroClient(base, api_key=key, timeout=timeout)
-            _async_clients[slot] = client
-        return client
+        entry = _async_clients.get(slot)
+        if entry is None or entry[0]() is not loop:  # new loop (or a dead one's reused id)
+            entry = (weakref.ref(loop), AsyncHeroClient(base, api_key=key, timeout=timeout))
+            _async_clients[slot] = entry
+        return entry[1]
 
 
 def _warn_once(message: str) -> None:
@@ -120,7 +124,7 @@ def prompt_of(extra_info: Optional[Mapping[str, Any]]) -> Any:
         if isinstance(value, str) and value:
             return value
         if isinstance(value, (list, tuple)) and value:
-            return [{"role": m.get("role", "user") if m.get("role") in ("system", "user", "assistant")
+            return [{"role": m.get("role") if m.get("role") in ("system", "user", "assistant")
                      else "user", "content": str(m.get("content", ""))} for m in value]
     return None
 
@@ -174,7 +178,8 @@ def compute_score_batch(
     infos = list(extra_infos) if extra_infos is not None else [None] * n
     if not (len(data_sources) == len(ground_truths) == len(infos) == n):
         raise ValueError(f"batch lengths differ: {len(data_sources)} data_sources, {n} "
-                         f"solution_strs, {len(ground_truths)} ground_truths, {len(infos)} extra_infos")
+                         f"solution_strs, {len(ground_truths)} ground_truths, "
+                         f"{len(infos)} extra_infos")
     if output not in ("rewards", "advantages"):
         raise ValueError(f"output must be 'rewards' or 'advantages', got {output!r}")
     if n == 0:
@@ -226,7 +231,7 @@ async def compute_score(
     ``--group-size`` = ``actor_rollout_ref.rollout.n``: the call returns when the sample's group
     is complete (or the service's ``--group-timeout-s`` passed: ``hero_partial`` = 1)."""
     prompt = prompt_of(extra_info)
-    group_key(data_source, ground_truth, extra_info)  # warns once when nothing identifies the prompt
+    group_key(data_source, ground_truth, extra_info)  # warns once if nothing identifies the prompt
     # /get_reward groups by (prompt, label). The prompt string carries the prompt text when the
     # dataset gave one; a per-prompt id without text still needs a distinct prompt to group by.
     info = extra_info or {}

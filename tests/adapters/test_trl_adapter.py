@@ -1,0 +1,124 @@
+"""TRL: a real ``trl.GRPOTrainer`` trains a tiny random policy on CPU with HERO rewards from a
+live service; and the reward function itself, called the way TRL calls it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from adapter_support import metric, minilm_chat_tokenizer, tiny_causal_lm
+from hero_client import HeroClient, RunningSigma
+from hero_client.adapters.trl import HeroRewardFunction, group_spans
+
+import trl  # noqa: F401  (installed by make test; a missing trl must fail, not skip)
+
+
+def math_dataset(rows, conversational: bool = True):
+    from datasets import Dataset
+
+    return Dataset.from_list([
+        {"prompt": [{"role": "user", "content": r["prompt"]}] if conversational else r["prompt"],
+         "answer": r["reference"]} for r in rows])
+
+
+def grpo_trainer(reward, dataset, tmp_path, **overrides):
+    from trl import GRPOConfig, GRPOTrainer
+
+    tokenizer = minilm_chat_tokenizer()
+    config = dict(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4,
+                  num_generations=2, max_completion_length=8, max_steps=2, logging_steps=1,
+                  learning_rate=1e-3, beta=0.0, report_to="none", use_cpu=True, bf16=False,
+                  save_strategy="no", seed=0, scale_rewards="batch")
+    config.update(overrides)
+    return GRPOTrainer(model=tiny_causal_lm(tokenizer), reward_funcs=reward,
+                       args=GRPOConfig(**config), train_dataset=dataset, processing_class=tokenizer)
+
+
+def test_trl_grpo_trainer_trains_with_hero_rewards_from_the_service(server, dev_rows, tmp_path):
+    reward = HeroRewardFunction(server.url, api_key="test-key", num_generations=2)
+    trainer = grpo_trainer(reward, math_dataset(dev_rows[:8]), tmp_path)
+    scored_before = metric(server.url, "hero_rollouts_scored_total", 'mode="hero"')
+
+    trainer.train()
+
+    assert trainer.state.global_step >= 2
+    # every completion of both steps went through the service: 2 steps x 2 prompts x 2
+    assert reward.calls == 2
+    assert metric(server.url, "hero_rollouts_scored_total", 'mode="hero"') - scored_before == 8
+    # TRL logged the rewards under the function's __name__, plus the adapter's own metrics
+    steps = [log for log in trainer.state.log_history if "rewards/hero/mean" in log]
+    assert len(steps) == 2
+    for log in steps:
+        assert math.isfinite(log["rewards/hero/mean"]) and log["rewards/hero/std"] > 0
+        assert 0.4 <= log["hero/weight"] <= 3.0 and log["hero/short_groups"] == 0
+    # the client-side running sigma-bar: step 1 sets it, step 2 is weighted with it
+    assert steps[0]["hero/sigma_ref"] == pytest.approx(steps[0]["hero/sigma"], rel=1e-5)
+    assert steps[1]["hero/sigma_ref"] == pytest.approx(steps[0]["hero/sigma"], rel=1e-5)
+    assert reward.running_sigma.value == pytest.approx(
+        0.9 * steps[0]["hero/sigma"] + 0.1 * steps[1]["hero/sigma"], rel=1e-5)
+
+    # the rewards TRL trained on are the service's for exactly these prompts and completions
+    logged = trainer._logs  # the last generation batch, as TRL keeps it for its completions table
+    prompts, completions = list(logged["prompt"]), list(logged["completion"])
+    answers = {r["prompt"]: r["reference"] for r in dev_rows[:8]}
+    groups = [{"prompt": [{"role": "user", "content": prompts[i][0]["content"]}],
+               "reference": answers[prompts[i][0]["content"]],
+               "responses": [c[0]["content"] for c in completions[i:i + 2]]}
+              for i in range(0, len(prompts), 2)]
+    with HeroClient(server.url, api_key="test-key") as client:
+        direct = client.score(groups, sigma_ref=reward.last_response.sigma_ref)
+    assert list(logged["rewards"]["hero"]) == pytest.approx(
+        [x for g in direct.groups for x in g.rewards], abs=1e-5)
+
+
+def test_trl_trainer_advantages_equal_hero_advantages_with_scale_rewards_none(server, dev_rows,
+                                                                               tmp_path):
+    """output="advantages" + scale_rewards="none": TRL's advantage is HERO's, weight included."""
+    reward = HeroRewardFunction(server.url, api_key="test-key", num_generations=2,
+                                output="advantages")
+    trainer = grpo_trainer(reward, math_dataset(dev_rows[8:12]), tmp_path,
+                           scale_rewards="none", max_steps=1)
+    trainer.train()
+    assert trainer.state.global_step == 1
+    hero = [a for g in reward.last_response.groups for a in g.advantages]
+    assert list(trainer._logs["advantages"]) == pytest.approx(hero, abs=1e-4)
+    assert any(abs(a) > 1e-3 for a in hero)
+
+
+def test_trl_reward_function_groups_consecutive_prompts_like_a_direct_call(server, dev_rows):
+    """Called the way TRL calls it (standard format, dataset columns as keyword lists)."""
+    rows = dev_rows[20:22]
+    prompts = [rows[0]["prompt"]] * 3 + [rows[1]["prompt"]] * 3
+    completions = rows[0]["responses"][:3] + rows[1]["responses"][:3]
+    answers = [rows[0]["reference"]] * 3 + [rows[1]["reference"]] * 3
+    metrics: dict[str, float] = {}
+    extra: dict[str, list] = {}
+    reward = HeroRewardFunction(server.url, api_key="test-key")
+    out = reward(prompts=prompts, completions=completions, completion_ids=[[1]] * 6,
+                 answer=answers, level=["x"] * 6, trainer_state=None,
+                 log_metric=metrics.__setitem__, log_extra=extra.__setitem__)
+
+    groups = [{"prompt": r["prompt"], "reference": r["reference"], "responses": r["responses"][:3]}
+              for r in rows]
+    with HeroClient(server.url, api_key="test-key", running_sigma=RunningSigma()) as client:
+        direct = client.score(groups)
+    assert out == pytest.approx([x for g in direct.groups for x in g.rewards])
+    assert metrics["hero/sigma_ref"] == pytest.approx(direct.sigma_ref)
+    assert extra["hero_status"] == [s for g in direct.groups for s in g.verifier_status]
+    assert reward.running_sigma.value == pytest.approx(direct.sigma_ref)
+
+    # one prompt repeated: num_generations cuts the run into groups
+    assert group_spans(["a"] * 6 + ["b"] * 2, 3) == [(0, 3), (3, 6), (6, 8)]
+    assert group_spans(["a"] * 6 + ["b"] * 2, None) == [(0, 6), (6, 8)]
+    groups_built, _ = HeroRewardFunction(server.url, num_generations=3).build_groups(
+        [prompts[0]] * 6, completions, [answers[0]] * 6)
+    assert [len(g.responses) for g in groups_built] == [3, 3]
+
+    # the reference column is required for the math verifier, and named in the error
+    with pytest.raises(ValueError, match="answer"):
+        reward(prompts=prompts, completions=completions, solution_text=answers)
+    solution = HeroRewardFunction(server.url, api_key="test-key", reference_column="solution_text")
+    # a fresh function has no sigma-bar yet either: the same rewards
+    assert solution(prompts=prompts, completions=completions, solution_text=answers) == \
+        pytest.approx(out)
