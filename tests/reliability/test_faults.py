@@ -125,7 +125,9 @@ def _kill_pool_workers(stop: threading.Event, killed: list[int]) -> None:
         for child in me.children(recursive=True):
             try:
                 parent = child.parent()
-                if parent is not None and parent.pid != me.pid and \
+                # Only this process's own pool: its fork server is our direct child (servers
+                # started by other tests are children too, with fork servers of their own).
+                if parent is not None and parent.ppid() == me.pid and \
                         "forkserver" in " ".join(parent.cmdline()):
                     child.kill()
                     killed.append(child.pid)

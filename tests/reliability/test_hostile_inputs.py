@@ -107,3 +107,24 @@ def test_killed_worker_mid_task_is_retried_and_the_request_completes(hostile_ser
     assert again == ["correct"]
     figures.record("faults", "verifier workers killed (kill -9) mid-request", len(killed))
     figures.record("faults", "request outcome after the kill", f"200, statuses {status}")
+
+
+def test_service_heals_when_idle_workers_are_killed(hostile_server, figures):
+    """A worker killed while idle (the OOM killer, an operator) breaks a pebble pool for good;
+    the service starts a new pool and keeps scoring."""
+    srv = hostile_server
+    assert score(srv, ["\\boxed{7}"]).status_code == 200
+    server = psutil.Process(srv.proc.pid)
+    workers = [c for c in server.children(recursive=True) if c.ppid() != srv.proc.pid]
+    assert workers
+    for worker in workers:
+        worker.kill()
+    time.sleep(0.5)
+    ready = httpx.get(srv.url + "/readyz")
+    after = score(srv, ["\\boxed{7}", "\\boxed{5}"])
+    assert ready.status_code == 200
+    assert after.status_code == 200
+    assert after.json()["groups"][0]["verifier_status"] == ["correct", "incorrect"]
+    assert "starting a new one" in srv.log()
+    figures.record("faults", "idle verifier workers killed", f"{len(workers)}; pool rebuilt, "
+                   "next request scored correctly")

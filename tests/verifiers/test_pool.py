@@ -73,3 +73,27 @@ def test_memory_cap_turns_a_huge_allocation_into_an_error():
             pool.close()
 
     assert asyncio.run(go()) == 16 * 1024 * 1024
+
+
+def test_pool_heals_after_idle_workers_are_killed():
+    """pebble breaks for good when a worker dies outside a task; the pool starts a new one."""
+    import psutil
+
+    async def go():
+        pool = ProcessWorkerPool(workers=2, max_tasks=100, memory_mb=0)
+        try:
+            first = await pool.run(os.getpid, timeout_s=30)
+            me = psutil.Process()
+            victims = [c for c in me.children(recursive=True)
+                       if c.ppid() != me.pid and c.parent().ppid() == me.pid]
+            assert first in [v.pid for v in victims]
+            for victim in victims:
+                victim.kill()
+            await asyncio.sleep(0.5)
+            assert pool.active()  # healed
+            return await pool.run(os.getpid, timeout_s=30), first, pool.restarts
+        finally:
+            pool.close()
+
+    after, first, restarts = asyncio.run(go())
+    assert after != first and restarts == 1

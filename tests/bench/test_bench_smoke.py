@@ -1,0 +1,89 @@
+"""Smoke test of the benchmark: ``bench/run.py --quick`` end to end (real service processes, the
+naive server, the TRL-style path, the verifier pool, the overload burst) into a temporary
+directory; every section of the JSON must be there with positive numbers."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+SECTIONS = ("meta", "workloads", "limit", "hero_rewards", "naive", "trl_style", "verifier_pool",
+            "scale", "core_split", "overload", "targets")
+
+
+def _arm_ok(name: str, arm: dict) -> None:
+    assert arm["rollouts_per_s"] > 0, name
+    assert arm["rollouts"] > 0 and arm["requests"] > 0, name
+    assert arm["errors"] == 0, name
+    assert arm["ratio_to_limit"] is not None and arm["ratio_to_limit"] > 0, name
+    assert arm["latency_p99_s"] > 0, name
+    # Every path really verifies: the dev data is mostly correct answers.
+    assert arm["correct_fraction"] > 0.5, name
+    # The derived workloads must not collapse under the service's dedupe.
+    assert arm["server"].get("deduplicated_rollouts", 0) == 0, name
+
+
+def test_bench_quick_writes_every_section(tmp_path: Path) -> None:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--results-dir",
+         str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=240)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "latest.json").read_text())
+    for section in SECTIONS:
+        assert section in result, section
+    assert (tmp_path / "throughput.png").stat().st_size > 1000
+    assert "targets:" in proc.stdout and "hero-rewards" in proc.stdout
+
+    limit = result["limit"]
+    assert limit["rollouts_per_s"] > 0 and limit["probes"] >= 2
+    assert all(v > 0 for v in limit["by_batch_size"].values())
+    for c, arm in result["hero_rewards"]["several_groups"].items():
+        _arm_ok(f"hero a C={c}", arm)
+        assert arm["server"]["mean_batch"] > 0 and arm["server"]["rm_busy_fraction"] > 0
+    for c, arm in result["hero_rewards"]["one_response"].items():
+        _arm_ok(f"hero b C={c}", arm)
+    for c, arm in result["naive"].items():
+        _arm_ok(f"naive C={c}", arm)
+    _arm_ok("trl", result["trl_style"])
+    for key in ("1x", "4x", "16x"):
+        _arm_ok(f"scale {key}", result["scale"][key])
+    assert result["scale"]["ratio_16x_to_1x"] > 0
+    assert result["core_split"], "no core-split variants measured"
+    for name, entry in result["core_split"].items():
+        assert entry["verifier_workers"] >= 1 and entry["torch_threads"] >= 1
+        for pattern in ("a", "b"):
+            if pattern in entry:
+                _arm_ok(f"split {name} {pattern}", entry[pattern])
+
+    v = result["verifier_pool"]
+    assert v["single_responses_per_s"] > 0 and v["pool_responses_per_s"] > 0
+    assert v["ratio_pool_to_single_x_cores"] > 0 and v["correct_fraction"] > 0.5
+
+    o = result["overload"]
+    assert o["rejected_429"] > 0, "a 10x burst must be refused in part"
+    assert o["rejected_429_with_retry_after"] == o["rejected_429"]
+    assert o["accepted_requests"] > 0 and o["latency_p99_s"] > 0
+    assert o["rss_idle_before_mb"] > 0 and o["rss_peak_mb"] > 0
+    assert o["at_capacity"]["requests"] > 0 and o["at_capacity"]["rss_peak_mb"] > 0
+    assert o["other_errors"] == 0
+
+    assert len(result["targets"]) == 9
+    assert all(t["measured"] is not None for t in result["targets"])
+    # The servers the benchmark started are gone: nothing answers on their ports.
+    ready = [line for line in proc.stderr.splitlines() if "servers ready" in line]
+    assert ready, proc.stderr[-2000:]
+    ports = [int(p) for p in re.findall(r"@(\d+)", ready[0])]
+    assert len(ports) >= 3
+    for port in ports:
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still served"
+    print(f"bench --quick took {elapsed:.0f}s")
