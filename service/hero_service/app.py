@@ -37,11 +37,12 @@ def default_reward_model(settings: Settings) -> RewardModel:
     )
 
 
-def build_verifiers(settings: Settings) -> dict[str, Verifier]:
+def build_verifiers(settings: Settings, metrics: Metrics) -> dict[str, Verifier]:
     return {
         "math": MathVerifier(
             workers=settings.resolved_verifier_workers(), timeout_s=settings.verifier_timeout_s,
-            max_tasks=settings.verifier_max_tasks, memory_mb=settings.verifier_memory_mb),
+            max_tasks=settings.verifier_max_tasks, memory_mb=settings.verifier_memory_mb,
+            on_worker_failure=lambda reason: metrics.verifier_worker_failures.labels(reason).inc()),
         "exact": ExactVerifier(),
         "numeric": NumericVerifier(),
         "none": NoVerifier(),
@@ -86,7 +87,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        verifiers = build_verifiers(settings)
+        verifiers = build_verifiers(settings, metrics)
         model = await asyncio.to_thread(reward_model_factory, settings)
         await asyncio.gather(*(v.start() for v in verifiers.values()))
         batcher = Batcher(

@@ -31,6 +31,9 @@ class Metrics:
         self.verifier_outcomes = Counter(
             "hero_verifier_outcomes", "verifier verdicts by status", ["verifier", "status"],
             registry=r)
+        self.verifier_worker_failures = Counter(
+            "hero_verifier_worker_failures", "verifier tasks whose worker was killed (hard "
+            "timeout) or died; their responses are retried one by one", ["reason"], registry=r)
         self.queue_depth = Gauge(
             QUEUE_DEPTH_METRIC, "rollouts admitted and not yet answered (autoscaling signal)",
             registry=r)

@@ -54,12 +54,25 @@ def _verify_one(gold: list, response: str, timeout_s: int) -> Outcome:
 
 
 def verify_chunk(reference: str, responses: Sequence[str], timeout_s: int) -> list[Outcome]:
-    try:
-        gold = list(parse_reference(reference, timeout_s))
-    except TimeoutException:
-        return [("timeout", "reference parsing timed out")] * len(responses)
-    except Exception as exc:  # noqa: BLE001
-        return [("error", f"reference: {type(exc).__name__}: {str(exc)[:200]}")] * len(responses)
-    if not gold:
-        return [("no_answer", "no parsable answer in the reference")] * len(responses)
-    return [_verify_one(gold, response, timeout_s) for response in responses]
+    """Verify responses that share one reference."""
+    return verify_pairs([(reference, response) for response in responses], timeout_s)
+
+
+def verify_pairs(pairs: Sequence[tuple[str, str]], timeout_s: int) -> list[Outcome]:
+    """Verify (reference, response) pairs, possibly from several groups: one task carries many,
+    so the per-task cost of the pool is paid once per chunk, not once per response."""
+    outcomes: list[Outcome] = []
+    for reference, response in pairs:
+        try:
+            gold = list(parse_reference(reference, timeout_s))
+        except TimeoutException:
+            outcomes.append(("timeout", "reference parsing timed out"))
+            continue
+        except Exception as exc:  # noqa: BLE001
+            outcomes.append(("error", f"reference: {type(exc).__name__}: {str(exc)[:200]}"))
+            continue
+        if not gold:
+            outcomes.append(("no_answer", "no parsable answer in the reference"))
+        else:
+            outcomes.append(_verify_one(gold, response, timeout_s))
+    return outcomes

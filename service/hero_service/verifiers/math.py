@@ -1,29 +1,47 @@
-"""The ``math`` verifier: HuggingFace math-verify, run in a pool of worker processes."""
+"""The ``math`` verifier: HuggingFace math-verify, run in a pool of worker processes.
+
+Responses from all concurrent requests go into one queue; a dispatcher keeps two chunks per
+worker in flight and cuts the queue into chunks as workers free up. An idle service sends small
+chunks at once (low latency); a busy one sends larger chunks (up to ``MAX_CHUNK``), so the pool's
+per-task cost is spread over many responses."""
 
 from __future__ import annotations
 
 import asyncio
 import math
-from typing import Sequence
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 from . import _math_worker
 from .base import Verdict, Verifier
 from .pool import ProcessWorkerPool, TaskTimeout, WorkerDied
 
-# A chunk of normal responses verifies in a few ms; the hard timeout only has to catch work that
-# math-verify's own signal.alarm cannot interrupt (C-level loops such as huge integer powers).
-MAX_CHUNK = 8
+MAX_CHUNK = 32
+CHUNKS_IN_FLIGHT_PER_WORKER = 2
+
+
+@dataclass
+class _Item:
+    reference: str
+    response: str
+    future: asyncio.Future[Verdict]
 
 
 class MathVerifier(Verifier):
     name = "math"
 
-    def __init__(self, workers: int, timeout_s: int, max_tasks: int, memory_mb: int) -> None:
+    def __init__(self, workers: int, timeout_s: int, max_tasks: int, memory_mb: int,
+                 on_worker_failure: Optional[Callable[[str], None]] = None) -> None:
         self.workers = workers
         self.timeout_s = int(timeout_s)
         self._max_tasks = max_tasks
         self._memory_mb = memory_mb
+        self._on_worker_failure = on_worker_failure or (lambda reason: None)
         self._pool: ProcessWorkerPool | None = None
+        self._queue: deque[_Item] = deque()
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
         self.retried_items = 0
 
     async def start(self) -> None:
@@ -49,34 +67,61 @@ class MathVerifier(Verifier):
     async def verify(self, reference: str | None, responses: Sequence[str]) -> list[Verdict]:
         if reference is None:
             return [Verdict("no_answer", "no reference given")] * len(responses)
-        size = max(1, min(MAX_CHUNK, math.ceil(len(responses) / self.workers)))
-        chunks = [list(responses[i : i + size]) for i in range(0, len(responses), size)]
-        results = await asyncio.gather(*(self._verify_chunk(reference, c) for c in chunks))
-        return [verdict for chunk in results for verdict in chunk]
+        loop = asyncio.get_running_loop()
+        items = [_Item(reference, r, loop.create_future()) for r in responses]
+        self._queue.extend(items)
+        self._dispatch()
+        return list(await asyncio.gather(*(i.future for i in items)))
 
-    async def _verify_chunk(self, reference: str, responses: list[str]) -> list[Verdict]:
+    def _dispatch(self) -> None:
+        slots = self.workers * CHUNKS_IN_FLIGHT_PER_WORKER
+        while self._queue and self._in_flight < slots:
+            size = min(MAX_CHUNK, max(1, math.ceil(len(self._queue) / (slots - self._in_flight))))
+            chunk = [self._queue.popleft() for _ in range(min(size, len(self._queue)))]
+            chunk = [item for item in chunk if not item.future.done()]  # callers that left
+            if not chunk:
+                continue
+            self._in_flight += 1
+            task = asyncio.ensure_future(self._run(chunk))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, chunk: list[_Item]) -> None:
+        try:
+            verdicts = await self._verify_chunk([(i.reference, i.response) for i in chunk])
+            for item, verdict in zip(chunk, verdicts):
+                if not item.future.done():
+                    item.future.set_result(verdict)
+        except Exception as exc:  # noqa: BLE001 - e.g. the pool could not be started
+            for item in chunk:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+        finally:
+            self._in_flight -= 1
+            self._dispatch()
+
+    async def _verify_chunk(self, pairs: list[tuple[str, str]]) -> list[Verdict]:
         assert self._pool is not None, "verifier pool not started"
         try:
-            outcomes = await self._pool.run(
-                _math_worker.verify_chunk, reference, responses, self.timeout_s,
-                timeout_s=self.hard_timeout_s,
-            )
+            outcomes = await self._pool.run(_math_worker.verify_pairs, pairs, self.timeout_s,
+                                            timeout_s=self.hard_timeout_s)
             return [Verdict(status, detail) for status, detail in outcomes]
-        except (TaskTimeout, WorkerDied):
+        except (TaskTimeout, WorkerDied) as exc:
             # One response took the chunk down; retry each response alone so only the culprit
             # loses, and the rest keep their real verdicts.
-            self.retried_items += len(responses)
-            return list(await asyncio.gather(*(self._verify_alone(reference, r) for r in responses)))
+            self._on_worker_failure("timeout" if isinstance(exc, TaskTimeout) else "died")
+            self.retried_items += len(pairs)
+            return list(await asyncio.gather(*(self._verify_alone(p) for p in pairs)))
 
-    async def _verify_alone(self, reference: str, response: str) -> Verdict:
+    async def _verify_alone(self, pair: tuple[str, str]) -> Verdict:
         assert self._pool is not None
         try:
             ((status, detail),) = await self._pool.run(
-                _math_worker.verify_chunk, reference, [response], self.timeout_s,
-                timeout_s=self.hard_timeout_s,
-            )
+                _math_worker.verify_pairs, [pair], self.timeout_s, timeout_s=self.hard_timeout_s)
             return Verdict(status, detail)  # type: ignore[arg-type]
         except TaskTimeout as exc:
+            self._on_worker_failure("timeout")
             return Verdict("timeout", f"verifier worker killed: {exc}")
         except WorkerDied as exc:
+            self._on_worker_failure("died")
             return Verdict("error", f"verifier worker died: {exc}")
