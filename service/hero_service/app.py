@@ -90,8 +90,9 @@ def create_app(
         verifiers = build_verifiers(settings, metrics)
         model = await asyncio.to_thread(reward_model_factory, settings)
         await asyncio.gather(*(v.start() for v in verifiers.values()))
+        device_type = getattr(getattr(model, "device", None), "type", "remote")
         batcher = Batcher(
-            model, max_batch_tokens=settings.max_batch_tokens, max_wait_ms=settings.max_wait_ms,
+            model, max_batch_tokens=settings.resolved_max_batch_tokens(device_type), max_wait_ms=settings.max_wait_ms,
             max_queued=settings.max_queued_rollouts, metrics=metrics)
         batcher.start()
         pipeline = Pipeline(settings, model, batcher, verifiers, metrics)
@@ -100,7 +101,8 @@ def create_app(
             settings.group_size, settings.group_timeout_s, settings.max_queued_rollouts)
         service.verifiers = verifiers
         service.pipeline = pipeline
-        log.info("ready: reward_model=%s verifier=%s", model.model_id, settings.verifier)
+        log.info("ready: reward_model=%s on %s, verifier=%s, max_batch_tokens=%d",
+                 model.model_id, device_type, settings.verifier, batcher.max_batch_tokens)
         try:
             yield
         finally:

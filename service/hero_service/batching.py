@@ -2,7 +2,8 @@
 futures back to the requests (the queue → batching task → backend flow of TEI's router).
 
 Items from all concurrent requests wait in one queue. The inference thread waits up to
-``max_wait_ms`` for a batch to fill, sorts what it took by length (to cut padding), packs it into
+``max_wait_ms`` for a batch to fill while items are known to be on their way (announced by
+requests still tokenizing; an idle model starts at once), sorts what it took by length (to cut padding), packs it into
 batches whose *padded* size stays within ``max_batch_tokens``, runs them, and resolves each item's
 future on the event loop. Identical inputs in flight are scored once. A failing batch
 (CUDA out-of-memory, or an input that breaks the model) is split in half and retried, so only the
@@ -80,6 +81,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._queue: deque[_Pending] = deque()
         self._outstanding = 0  # queued + being scored; guarded by _cond
+        self._announced = 0  # admitted items still being tokenized; guarded by _cond
         self._inflight: dict[Hashable, asyncio.Future[ScoredItem]] = {}  # event-loop thread only
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="hero-inference", daemon=True)
@@ -93,6 +95,17 @@ class Batcher:
     def outstanding(self) -> int:
         with self._cond:
             return self._outstanding
+
+    def announce(self, n: int) -> None:
+        """``n`` items are being tokenized and will be submitted soon."""
+        with self._cond:
+            self._announced += n
+
+    def withdraw(self, n: int) -> None:
+        """Announced items are now submitted (or will never be)."""
+        with self._cond:
+            self._announced = max(0, self._announced - n)
+            self._cond.notify()
 
     def submit(self, encoded: Sequence[Encoded]) -> list[asyncio.Future[ScoredItem]]:
         """Enqueue items (sharing futures with identical items already in flight) or raise
@@ -144,8 +157,11 @@ class Batcher:
                 self._cond.wait()
             if not self._queue:
                 return None
+            # Hold the batch open only for work known to be on its way (items being tokenized):
+            # an idle model starts at once, and under load items queue up during each forward.
             deadline = self._queue[0].enqueued_at + self.max_wait_s
-            while not self._stopping and self._queued_tokens() < self.max_batch_tokens:
+            while (not self._stopping and self._announced > 0
+                   and self._queued_tokens() < self.max_batch_tokens):
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break

@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     remote_timeout_s: float = Field(30.0, gt=0, description="timeout of one remote RM call")
 
     # Dynamic batching.
-    max_batch_tokens: int = Field(16384, ge=1, description="padded tokens per forward batch")
+    max_batch_tokens: int = Field(
+        0, ge=0, description="padded tokens per forward batch; 0 = 4096 on CPU, 16384 on GPU/remote")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
     max_queued_rollouts: int = Field(4096, ge=1, description="queue bound; beyond it: 429")
 
@@ -80,6 +81,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"API key file {self.api_key_file} is empty")
             return key
         return None
+
+    def resolved_max_batch_tokens(self, device_type: str) -> int:
+        # On CPU, per-rollout cost is lowest at small batches (bench/README.md); a GPU wants
+        # large ones.
+        return self.max_batch_tokens or (4096 if device_type == "cpu" else 16384)
 
     def resolved_verifier_workers(self) -> int:
         return self.verifier_workers or max(1, len(os.sched_getaffinity(0)))

@@ -162,13 +162,21 @@ class Pipeline:
                 items.extend(ScoringItem(prompt, r, group.reference) for r in group.responses)
                 owners.extend([g] * len(group.responses))
         if items:
+            # Tell the batcher these are coming, so it holds a batch open for them while they
+            # are tokenized instead of starting without them.
+            self.batcher.announce(len(items))
             try:
-                encoded = await asyncio.to_thread(self.reward_model.encode, items)
+                try:
+                    encoded = await asyncio.to_thread(self.reward_model.encode, items)
+                finally:
+                    self.batcher.withdraw(len(items))
                 scored = await self.batcher.score(encoded)
             except RewardModelError as exc:
                 raise ScoringFailed(str(exc)) from exc
-            for g in dict.fromkeys(owners):
-                idx = [i for i, owner in enumerate(owners) if owner == g]
+            by_group: dict[int, list[int]] = {}
+            for i, owner in enumerate(owners):
+                by_group.setdefault(owner, []).append(i)
+            for g, idx in by_group.items():
                 results[g] = _RMResult(
                     scores=[scored[i].score for i in idx],
                     truncated=[encoded[i].truncated for i in idx],

@@ -7,6 +7,7 @@ it is not a trained reward model. Use ``hf:PATH`` with a real RM for training.""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +21,8 @@ from .base import Encoded, RewardModel, RewardModelError, ScoringItem, tail
 # The tail of a response carries its final answer; 128 tokens (~500 characters) keeps the
 # stand-in fast on CPU. --max-length raises it up to the model's 512 positions.
 DEFAULT_TAIL_TOKENS = 128
+# Embeddings of recent references (only the inference thread touches the cache).
+REFERENCE_CACHE_SIZE = 4096
 
 
 def embedded_model_path() -> Path:
@@ -42,6 +45,7 @@ class EmbeddedRewardModel(RewardModel):
         self._cls = self.tokenizer.cls_token_id
         self._sep = self.tokenizer.sep_token_id
         self._pad = self.tokenizer.pad_token_id
+        self._reference_cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
 
     def _wrap(self, ids: Sequence[int]) -> tuple[list[int], bool]:
         kept, cut = tail(ids, self.max_tokens - 2)
@@ -75,9 +79,23 @@ class EmbeddedRewardModel(RewardModel):
         return F.normalize(pooled.float(), dim=-1)
 
     def forward(self, batch: Sequence[Encoded]) -> list[float]:
-        references = list(dict.fromkeys(e.payload[1] for e in batch))
-        vectors = self._embed([e.payload[0] for e in batch] + references)
-        response_vecs = vectors[: len(batch)]
-        row_of = {ref: len(batch) + j for j, ref in enumerate(references)}
-        reference_vecs = vectors[[row_of[e.payload[1]] for e in batch]]
+        response_vecs = self._embed([e.payload[0] for e in batch])
+        reference_vecs = torch.stack(self._reference_vectors([e.payload[1] for e in batch]))
         return (response_vecs * reference_vecs).sum(-1).tolist()
+
+    def _reference_vectors(self, references: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        # References are short and shared by a whole group: embedding them apart from the
+        # responses (not padded to their length) and once (cached) saves a row per group in
+        # every batch.
+        cache = self._reference_cache
+        missing = [r for r in dict.fromkeys(references) if r not in cache]
+        if missing:
+            for ids, vector in zip(missing, self._embed(missing)):
+                cache[ids] = vector
+        vectors = []
+        for ids in references:
+            cache.move_to_end(ids)
+            vectors.append(cache[ids])
+        while len(cache) > REFERENCE_CACHE_SIZE:
+            cache.popitem(last=False)
+        return vectors

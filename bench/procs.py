@@ -1,0 +1,133 @@
+"""Server processes for the benchmark: started on 127.0.0.1 in their own session (so the whole
+tree — uvicorn, the verifier fork server and its workers — is stopped with one killpg), plus RSS
+and CPU-time sampling of that tree with psutil."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, name: str, argv: Sequence[str], *, ready_path: str, log_dir: Path,
+                 env: Optional[dict[str, str]] = None, port: Optional[int] = None) -> None:
+        self.name = name
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.argv = [a.replace("{port}", str(self.port)) for a in argv]
+        self.ready_path = ready_path
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: Optional[subprocess.Popen] = None
+        self._log = None
+
+    def start(self) -> "Server":
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            self.argv, env=self.env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n"
+                                   f"{self.log_path.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} not ready in {timeout_s:.0f}s:\n"
+                           f"{self.log_path.read_text()[-3000:]}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def tree(self) -> list[psutil.Process]:
+        try:
+            root = psutil.Process(self.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def rss_bytes(self) -> int:
+        """RSS of the server and all its children (verifier fork server and workers)."""
+        total = 0
+        for p in self.tree():
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+        return total
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for p in self.tree():
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+
+    def request_stop(self) -> None:
+        """SIGTERM without waiting (so several servers drain at the same time)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM to the server (the service drains, stops its pool and exits), then SIGKILL to
+        whatever is left of its process group after ``timeout_s``."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        # Whatever is left in the group (a worker that ignored SIGTERM) goes now.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def hero_server(name: str, log_dir: Path, *, reward_model: str, device: str,
+                verifier_workers: int, max_batch_tokens: int, extra: Sequence[str] = (),
+                env: Optional[dict[str, str]] = None) -> Server:
+    argv = [sys.executable, "-m", "hero_service", "--host", "127.0.0.1", "--port", "{port}",
+            "--reward-model", reward_model, "--device", device,
+            "--verifier-workers", str(verifier_workers),
+            "--max-batch-tokens", str(max_batch_tokens), "--log-level", "warning", *extra]
+    return Server(name, argv, ready_path="/readyz", log_dir=log_dir, env=env)
+
+
+def naive_server(log_dir: Path, *, reward_model: str, device: str) -> Server:
+    argv = [sys.executable, str(REPO / "bench" / "naive_server.py"), "--host", "127.0.0.1",
+            "--port", "{port}", "--reward-model", reward_model, "--device", device]
+    return Server("naive", argv, ready_path="/healthz", log_dir=log_dir)
