@@ -17,7 +17,7 @@ from .batching import Batcher
 from .config import Settings
 from .http.errors import install_error_handlers
 from .http.openrlhf import GetRewardScorer
-from .http.middleware import BodySizeLimit, RequestMetrics
+from .http.middleware import BodySizeLimit, LoadShedding, RequestMetrics
 from .http.routes import router
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -123,6 +123,8 @@ def create_app(
     app.state.api_key = settings.resolved_api_key()
     install_error_handlers(app)
     app.include_router(router)
+    # Outermost last: size limit, then request metrics, then cheap load shedding.
+    app.add_middleware(LoadShedding, service=service, metrics=metrics)
     app.add_middleware(RequestMetrics, metrics=metrics, service=service)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app
