@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Sequence
 
 import pytest
@@ -80,14 +81,23 @@ def test_pack_batches_respects_the_padded_token_budget():
         assert max(sizes) * len(sizes) <= 32 or len(sizes) == 1  # oversize items travel alone
 
 
+async def score_concurrently(batcher, model, requests):
+    """As the pipeline does: announce the items, tokenize, submit, then withdraw the announcement."""
+    total = sum(len(t) for t in requests)
+    batcher.announce(total)
+    tasks = [asyncio.ensure_future(batcher.score(model.encode(items(t)))) for t in requests]
+    await asyncio.sleep(0)  # every request has submitted
+    batcher.withdraw(total)
+    return await asyncio.gather(*tasks)
+
+
 def test_concurrent_requests_share_batches_and_get_their_own_results_in_order():
     model = RecordingModel()
     batcher = make_batcher(model, max_batch_tokens=4096, max_wait_ms=50)
 
     async def go():
         requests = [[text(1 + (r * 7 + i) % 5, f"r{r}i{i}") for i in range(6)] for r in range(8)]
-        results = await asyncio.gather(*(batcher.score(model.encode(items(t))) for t in requests))
-        return requests, results
+        return requests, await score_concurrently(batcher, model, requests)
 
     try:
         requests, results = asyncio.run(go())
@@ -107,7 +117,7 @@ def test_batches_never_exceed_the_token_budget():
     texts = [text(n, f"t{i}") for i, n in enumerate([1, 3, 5, 2, 8, 4, 6, 7, 1, 2, 9, 3] * 3)]
 
     async def go():
-        return await asyncio.gather(*(batcher.score(model.encode(items([t]))) for t in texts))
+        return await score_concurrently(batcher, model, [[t] for t in texts])
 
     try:
         asyncio.run(go())
@@ -118,14 +128,34 @@ def test_batches_never_exceed_the_token_budget():
     assert sum(len(b) for b in model.batches) == len(set(texts))
 
 
+def test_idle_model_starts_without_waiting_for_the_window():
+    model = RecordingModel()
+    batcher = make_batcher(model, max_wait_ms=2000)
+
+    async def go():
+        started = time.perf_counter()
+        await batcher.score(model.encode(items(["alone"])))
+        return time.perf_counter() - started
+
+    try:
+        elapsed = asyncio.run(go())
+    finally:
+        batcher.stop()
+    assert elapsed < 1.0  # nothing announced: no 2 s fill wait
+
+
 def test_identical_inputs_are_scored_once():
     model = RecordingModel()
+    model.gate.clear()  # hold the model so both requests are in flight together
     batcher = make_batcher(model, max_wait_ms=30)
 
     async def go():
         same = items(["the same answer"] * 3)
-        return await asyncio.gather(batcher.score(model.encode(same)),
-                                    batcher.score(model.encode(same[:1])))
+        first = asyncio.ensure_future(batcher.score(model.encode(same)))
+        second = asyncio.ensure_future(batcher.score(model.encode(same[:1])))
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        return await first, await second
 
     try:
         first, second = asyncio.run(go())
