@@ -35,7 +35,7 @@ import math
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -175,8 +175,9 @@ def create_app() -> FastAPI:
             "id": MODEL_NAME, "object": "model", "created": int(time.time()),
             "owned_by": "vllm", "root": MODEL_NAME, "parent": None, "max_model_len": 4096}]})
 
-    @app.post("/classify")
-    async def classify(request: Request) -> Any:
+    async def vllm_endpoint(request: Request, response_id: str,
+                            make_row: Callable[[int, str, bool], dict[str, Any]]) -> Any:
+        """The part /classify and /pooling share: log, failure modes, input checks, usage."""
         body = await request.json()
         state.log(request, body)
         mode, delay = state.take_mode()
@@ -187,32 +188,26 @@ def create_app() -> FastAPI:
             return texts
         use_activation = body.get("use_activation")
         use_activation = True if use_activation is None else bool(use_activation)
-        rows = []
-        for i, text in enumerate(texts):
-            probs = activate(head(text, state.labels), use_activation)
-            rows.append({"index": i, "label": f"LABEL_{probs.index(max(probs))}",
-                         "probs": probs, "num_classes": len(probs)})
-        rows = corrupt(mode, rows, vllm=True)
+        rows = corrupt(mode, [make_row(i, t, use_activation) for i, t in enumerate(texts)],
+                       vllm=True)
         n_tokens = sum(len(t) // 4 + 1 for t in texts)
-        return {"id": "classify-standin", "object": "list", "created": int(time.time()),
+        return {"id": response_id, "object": "list", "created": int(time.time()),
                 "model": MODEL_NAME, "data": rows,
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens,
                           "completion_tokens": 0, "prompt_tokens_details": None}}
 
+    @app.post("/classify")
+    async def classify(request: Request) -> Any:
+        def row(i: int, text: str, use_activation: bool) -> dict[str, Any]:
+            probs = activate(head(text, state.labels), use_activation)
+            return {"index": i, "label": f"LABEL_{probs.index(max(probs))}",
+                    "probs": probs, "num_classes": len(probs)}
+
+        return await vllm_endpoint(request, "classify-standin", row)
+
     @app.post("/pooling")
     async def pooling(request: Request) -> Any:
-        body = await request.json()
-        state.log(request, body)
-        mode, delay = state.take_mode()
-        if (failed := await fail(mode, delay, tei=False)) is not None:
-            return failed
-        texts = vllm_texts(body)
-        if isinstance(texts, JSONResponse):
-            return texts
-        use_activation = body.get("use_activation")
-        use_activation = True if use_activation is None else bool(use_activation)
-        rows = []
-        for i, text in enumerate(texts):
+        def row(i: int, text: str, use_activation: bool) -> dict[str, Any]:
             values = activate(head(text, state.labels), use_activation)
             data: Any = values
             if state.pooling_shape == "scalar":
@@ -221,13 +216,9 @@ def create_app() -> FastAPI:
                 # One row per token; earlier tokens score prefixes of the text.
                 data = [activate(head(text[: len(text) // 2], state.labels), use_activation),
                         values]
-            rows.append({"index": i, "object": "pooling", "data": data})
-        rows = corrupt(mode, rows, vllm=True)
-        n_tokens = sum(len(t) // 4 + 1 for t in texts)
-        return {"id": "pool-standin", "object": "list", "created": int(time.time()),
-                "model": MODEL_NAME, "data": rows,
-                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens,
-                          "completion_tokens": 0, "prompt_tokens_details": None}}
+            return {"index": i, "object": "pooling", "data": data}
+
+        return await vllm_endpoint(request, "pool-standin", row)
 
     @app.post("/predict")
     async def predict(request: Request) -> Any:
