@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 from typing import Literal, Optional
 
+from hero_client.schema import VerifierName
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-VerifierName = Literal["math", "exact", "numeric", "none"]
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 

@@ -20,11 +20,6 @@ class InputError(ServiceError):
     code = "invalid_request"
 
 
-class PayloadTooLarge(ServiceError):
-    status = 413
-    code = "payload_too_large"
-
-
 class Overloaded(ServiceError):
     """The bounded queue is full; the caller should retry after ``retry_after_s``."""
 

@@ -30,7 +30,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, TextIO
+from typing import Any, Iterator, Optional, Sequence, TextIO, get_args
 
 from pydantic import ValidationError
 
@@ -38,10 +38,10 @@ from ._client import DEFAULT_URL, HeroClient
 from ._errors import HeroError
 from ._retry import RetryPolicy
 from ._sigma import RunningSigma
-from .schema import Group, HeroParams, RewardsResponse
+from .schema import Group, HeroParams, Mode, RewardsResponse, VerifierName, VerifierStatus
 
 NONZERO_ADVANTAGE = 1e-9  # |A| above this counts as a learning signal in the summary
-STATUSES = ("correct", "incorrect", "no_answer", "timeout", "error", "skipped")
+STATUSES = get_args(VerifierStatus)
 
 
 class InputError(ValueError):
@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="service base URL (env HERO_URL; default %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("HERO_API_KEY"),
                    help="bearer key (env HERO_API_KEY)")
-    p.add_argument("--mode", choices=["hero", "verifier", "rm"], default="hero")
-    p.add_argument("--verifier", choices=["math", "exact", "numeric", "none"], default=None,
+    p.add_argument("--mode", choices=get_args(Mode), default="hero")
+    p.add_argument("--verifier", choices=get_args(VerifierName), default=None,
                    help="default: the server's")
     p.add_argument("--params", type=_json_object, default=None, metavar="JSON",
                    help='HERO parameters, e.g. \'{"alpha": 0.05, "advantage": "rloo"}\' '

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from fastapi import APIRouter, Depends, Request, Response
 
 from hero_client.schema import (
@@ -10,8 +12,10 @@ from hero_client.schema import (
     GetRewardResponse,
     InfoResponse,
     LimitsInfo,
+    Mode,
     RewardsRequest,
     RewardsResponse,
+    VerifierName,
 )
 
 from ..errors import InputError, NotReady
@@ -80,8 +84,8 @@ async def info(request: Request) -> InfoResponse:
         version=service.version,
         reward_model=pipeline.reward_model.model_id if pipeline else s.reward_model,
         verifier=s.verifier,
-        verifiers=["math", "exact", "numeric", "none"],
-        modes=["hero", "verifier", "rm"],
+        verifiers=list(get_args(VerifierName)),
+        modes=list(get_args(Mode)),
         group_size=s.group_size or None,
         limits=LimitsInfo(
             max_body_bytes=s.max_body_bytes, max_groups=s.max_groups,

@@ -14,7 +14,4 @@ __all__ = [
     "ExactVerifier",
     "NumericVerifier",
     "NoVerifier",
-    "VERIFIER_NAMES",
 ]
-
-VERIFIER_NAMES = ("math", "exact", "numeric", "none")

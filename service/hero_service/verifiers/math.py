@@ -42,7 +42,6 @@ class MathVerifier(Verifier):
         self._queue: deque[_Item] = deque()
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self.retried_items = 0
 
     async def start(self) -> None:
         self._pool = ProcessWorkerPool(self.workers, self._max_tasks, self._memory_mb)
@@ -110,7 +109,6 @@ class MathVerifier(Verifier):
             # One response took the chunk down; retry each response alone so only the culprit
             # loses, and the rest keep their real verdicts.
             self._on_worker_failure("timeout" if isinstance(exc, TaskTimeout) else "died")
-            self.retried_items += len(pairs)
             return list(await asyncio.gather(*(self._verify_alone(p) for p in pairs)))
 
     async def _verify_alone(self, pair: tuple[str, str]) -> Verdict:
