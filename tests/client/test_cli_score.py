@@ -177,12 +177,33 @@ def test_score_cli_rejects_bad_input_with_the_line_and_field(tmp_path):
                                         "rm_scores": [0.5]}) + "\n")
     proc = run_score(src, "-o", tmp_path / "out.jsonl", "--url", "http://127.0.0.1:9")
     assert proc.returncode == 2
-    assert "line 2" in proc.stderr and "'broken'" in proc.stderr and "rm_scores" in proc.stderr
+    # file:line first, as compilers write it, so an editor can jump to it
+    assert f"{src}:2: " in proc.stderr, proc.stderr
+    assert "'broken'" in proc.stderr and "rm_scores" in proc.stderr
     assert not (tmp_path / "out.jsonl").exists()
 
     dup = write_jsonl(tmp_path / "dup.jsonl", [{"id": "x", "responses": ["a"]}] * 2)
     proc = run_score(dup, "-o", tmp_path / "out.jsonl", "--url", "http://127.0.0.1:9")
-    assert proc.returncode == 2 and "already used on line 1" in proc.stderr
+    assert proc.returncode == 2
+    assert f"{dup}:2: " in proc.stderr and "already used on line 1" in proc.stderr
+
+    not_json = tmp_path / "not-json.jsonl"
+    not_json.write_text(json.dumps({"id": "a", "responses": ["1"]}) + "\n\n" + "{oops\n")
+    proc = run_score(not_json, "-o", tmp_path / "out.jsonl", "--url", "http://127.0.0.1:9")
+    assert proc.returncode == 2 and f"{not_json}:3: not JSON" in proc.stderr, proc.stderr
+
+    # an output file that is not a result file: named with its line, never appended to
+    good = write_jsonl(tmp_path / "good.jsonl", [{"id": "a", "responses": ["1"]}])
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text('{"id": "a", "rewards": [1.0]}\n[1, 2]\n')
+    proc = run_score(good, "-o", foreign, "--url", "http://127.0.0.1:9")
+    assert proc.returncode == 2 and f"{foreign}:2: " in proc.stderr, proc.stderr
+    assert foreign.read_text() == '{"id": "a", "rewards": [1.0]}\n[1, 2]\n'
+
+    bad_params = run_score(good, "-o", tmp_path / "out.jsonl", "--url", "http://127.0.0.1:9",
+                           "--params", '{"alpha": -1}')
+    assert bad_params.returncode == 2
+    assert "--params" in bad_params.stderr and "alpha" in bad_params.stderr
 
 
 def test_score_cli_reports_an_unreachable_service_and_keeps_going_resumable(dev_rows, tmp_path):
@@ -194,6 +215,78 @@ def test_score_cli_reports_an_unreachable_service_and_keeps_going_resumable(dev_
     assert proc.returncode == 1
     assert "run again to resume" in proc.stderr
     assert not out.exists() or out.read_text() == ""
+
+
+def test_score_cli_records_its_options_and_refuses_to_resume_with_others(server, dev_rows,
+                                                                        tmp_path):
+    """Resuming into an output made with other options would print old results as new: the
+    options live in ``<out>.meta.json``, a resume with others exits 2 naming them, and
+    ``--overwrite`` starts fresh. The output itself stays a plain JSONL of result lines."""
+    src = write_jsonl(tmp_path / "in.jsonl", dev_rows[:6])
+    half = write_jsonl(tmp_path / "half.jsonl", dev_rows[:3])
+    out = tmp_path / "out.jsonl"
+    meta = tmp_path / "out.jsonl.meta.json"
+    common = ["--url", server.url, "--api-key", "test-key", "--batch-groups", "3", "--no-progress"]
+    rm = ["--use-rm-scores", "rm72b_scores"]
+
+    first = run_score(half, "-o", out, *common, *rm, "--params", '{"alpha": 0.05}')
+    assert first.returncode == 0, first.stderr
+    recorded = json.loads(meta.read_text())
+    assert recorded["options"]["mode"] == "hero"
+    assert recorded["options"]["verifier"] == "math"  # the server's default, made explicit
+    assert recorded["options"]["params"]["alpha"] == 0.05
+    assert recorded["options"]["rm_scores_field"] == "rm72b_scores"
+    results = read_jsonl(out)
+    assert len(results) == 3 and all("rewards" in r and "id" in r for r in results)
+    scored = out.read_bytes()
+
+    # every differing option is refused, before anything is sent or written
+    for other, named in [
+        (["--mode", "verifier", *rm, "--params", '{"alpha": 0.05}'], "mode"),
+        ([*rm], "params.alpha"),  # the default alpha 0.1 now
+        ([*rm, "--params", '{"alpha": 0.05, "advantage": "rloo"}'], "params.advantage"),
+        ([*rm, "--params", '{"alpha": 0.05}', "--verifier", "exact"], "verifier"),
+        (["--params", '{"alpha": 0.05}'], "rm_scores_field"),  # the service's RM now
+    ]:
+        proc = run_score(src, "-o", out, *common, *other)
+        assert proc.returncode == 2, (other, proc.stderr)
+        assert named in proc.stderr and "--overwrite" in proc.stderr, (other, proc.stderr)
+        assert out.read_bytes() == scored and json.loads(meta.read_text()) == recorded
+
+    # the same options, spelled differently (defaults written out, the server's verifier
+    # named): a resume
+    same = run_score(src, "-o", out, *common, *rm, "--verifier", "math",
+                     "--params", '{"alpha": 0.05, "beta": 0.1}')
+    assert same.returncode == 0, same.stderr
+    assert "resuming: 3 of 6" in same.stderr
+    assert [r["id"] for r in read_jsonl(out)] == [r["id"] for r in dev_rows[:6]]
+
+    # --overwrite: a fresh run with the new options; nothing of the old one is left
+    fresh = run_score(src, "-o", out, *common, *rm, "--mode", "verifier", "--overwrite")
+    assert fresh.returncode == 0, fresh.stderr
+    assert "resuming" not in fresh.stderr
+    results = read_jsonl(out)
+    assert [r["id"] for r in results] == [r["id"] for r in dev_rows[:6]]
+    assert [r["batch"] for r in results] == [0, 0, 0, 1, 1, 1]
+    for r in results:
+        assert r["rewards"] == [1.0 if v else 0.0 for v in r["verified"]] and r["weight"] == 1.0
+    assert json.loads(meta.read_text())["options"]["mode"] == "verifier"
+
+    # results without the record of what made them: refused too (nothing to compare with)
+    meta.unlink()
+    proc = run_score(src, "-o", out, *common, *rm, "--mode", "verifier")
+    assert proc.returncode == 2 and "meta.json" in proc.stderr and "--overwrite" in proc.stderr
+
+
+def test_score_cli_version():
+    from importlib.metadata import version
+
+    proc = subprocess.run([sys.executable, "-m", "hero_client.cli", "--version"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"hero-rewards {version('hero-rewards')}\n"
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert f'version = "{version("hero-rewards")}"' in pyproject  # the installed one is this one
 
 
 def _pstd(xs: list[float]) -> float:

@@ -18,6 +18,15 @@ result is the one a training run that saw these batches would get.
 The run is resumable: groups whose id already appears in the output are skipped, new results are
 appended, and the running sigma-bar is rebuilt from the output (the last batch's ``sigma_ref``
 and group sigmas). A truncated last line (the process was killed mid-write) is dropped first.
+
+The options that decide the numbers (mode, effective verifier, HERO parameters with defaults
+written out, where RM scores come from, the service's RM when it is called) are recorded next to
+the output in ``<output>.meta.json``, so the output stays a plain JSONL of result lines for
+downstream readers. A resume with other options, or into results without that record, exits 2
+and names the difference (``--overwrite`` starts fresh): mixing them would report old results as
+new. ``--batch-groups`` is not compared: it changes only where sigma-bar updates fall.
+
+Bad input exits 2 with ``file:line: what and why``.
 """
 
 from __future__ import annotations
@@ -38,10 +47,20 @@ from ._client import DEFAULT_URL, HeroClient
 from ._errors import HeroError
 from ._retry import RetryPolicy
 from ._sigma import RunningSigma
-from .schema import Group, HeroParams, Mode, RewardsResponse, VerifierName, VerifierStatus
+from .schema import (
+    Group,
+    HeroParams,
+    InfoResponse,
+    Mode,
+    RewardsResponse,
+    VerifierName,
+    VerifierStatus,
+)
 
 NONZERO_ADVANTAGE = 1e-9  # |A| above this counts as a learning signal in the summary
 STATUSES = get_args(VerifierStatus)
+META_SUFFIX = ".meta.json"
+META_FORMAT = "hero-rewards score/1"
 
 
 class InputError(ValueError):
@@ -65,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "service; resumable, with a progress bar on stderr.")
     p.add_argument("input", type=Path, help="JSONL: id, prompt, reference, responses[, rm_scores]")
     p.add_argument("-o", "--output", type=Path, required=True,
-                   help="JSONL of results; appended to, groups already in it are skipped")
+                   help="JSONL of results; appended to, groups already in it are skipped (the "
+                        "options that made it are kept in OUTPUT.meta.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh output instead of resuming (needed when the options "
+                        "differ from the ones the output was made with)")
     p.add_argument("--url", default=os.environ.get("HERO_URL", DEFAULT_URL),
                    help="service base URL (env HERO_URL; default %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("HERO_API_KEY"),
@@ -94,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- input
 
 
+def _problems(exc: ValidationError) -> str:
+    """Every problem of a pydantic error as ``field: why``, '; '-separated."""
+    parts = []
+    for error in exc.errors():
+        loc = ".".join(str(part) for part in error["loc"]) or "group"
+        parts.append(f"{loc}: {str(error['msg']).removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
 def _prompt(row: dict[str, Any], where: str) -> Any:
     prompt = row.get("prompt", "")
     system = row.get("system")
@@ -108,15 +140,15 @@ def _prompt(row: dict[str, Any], where: str) -> Any:
     raise InputError(f"{where}: 'prompt' must be a string or a list of chat messages")
 
 
-def row_to_group(row: Any, line_no: int, rm_field: Optional[str]) -> Group:
+def row_to_group(row: Any, line_no: int, rm_field: Optional[str], source: str = "<input>") -> Group:
     """One input line to a ``Group``; ``rm_field`` names the RM-score field (None: 'rm_scores'
-    if present)."""
-    where = f"line {line_no}"
+    if present). Errors read ``source:line: ...``."""
+    where = f"{source}:{line_no}"
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
     gid = row.get("id")
     gid = str(gid) if gid is not None else f"line-{line_no}"
-    where = f"line {line_no} (id {gid!r})"
+    where = f"{source}:{line_no}: id {gid!r}"
     if rm_field is not None:
         if rm_field not in row:
             raise InputError(f"{where}: no field {rm_field!r} (--use-rm-scores)")
@@ -127,9 +159,7 @@ def row_to_group(row: Any, line_no: int, rm_field: Optional[str]) -> Group:
         return Group(id=gid, prompt=_prompt(row, where), reference=row.get("reference"),
                      responses=row.get("responses"), rm_scores=rm_scores)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(part) for part in first["loc"]) or "group"
-        raise InputError(f"{where}: {loc}: {first['msg']}") from None
+        raise InputError(f"{where}: {_problems(exc)}") from None
 
 
 def read_groups(path: Path, rm_field: Optional[str]) -> list[Group]:
@@ -142,11 +172,11 @@ def read_groups(path: Path, rm_field: Optional[str]) -> list[Group]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(f"line {line_no}: not JSON ({exc.msg})") from None
-            group = row_to_group(row, line_no, rm_field)
+                raise InputError(f"{path}:{line_no}: not JSON ({exc.msg})") from None
+            group = row_to_group(row, line_no, rm_field, source=str(path))
             assert group.id is not None
             if group.id in seen:
-                raise InputError(f"line {line_no}: id {group.id!r} already used on line "
+                raise InputError(f"{path}:{line_no}: id {group.id!r} already used on line "
                                  f"{seen[group.id]} (ids must be unique to resume)")
             seen[group.id] = line_no
             groups.append(group)
@@ -177,7 +207,8 @@ def read_results(path: Path, repair: bool = False) -> list[dict[str, Any]]:
         except ValueError:
             record = None
         if not isinstance(record, dict) or "id" not in record:
-            raise InputError(f"{path}: line {line_no} is not a result line")
+            raise InputError(f"{path}:{line_no}: not a result line of hero-rewards score (choose "
+                             "another -o, or --overwrite to replace the file)")
         results.append(record)
     return results
 
@@ -199,6 +230,81 @@ def result_lines(response: RewardsResponse, batch: int) -> Iterator[str]:
         record = {"id": group.id, **group.model_dump(mode="json", exclude={"id"}),
                   "sigma_ref": response.sigma_ref, "batch": batch}
         yield json.dumps(record, ensure_ascii=False)
+
+
+def meta_path(output: Path) -> Path:
+    return output.with_name(output.name + META_SUFFIX)
+
+
+def run_options(args: argparse.Namespace, params: Optional[HeroParams], info: InfoResponse,
+                groups: Sequence[Group]) -> dict[str, Any]:
+    """What decides this run's numbers, in a canonical form (the server's default verifier and
+    the parameter defaults written out), so equal settings spelled differently compare equal."""
+    calls_rm = any(g.rm_scores is None for g in groups)
+    return {
+        "mode": args.mode,
+        "verifier": args.verifier or info.verifier,
+        "params": (params or HeroParams()).model_dump(mode="json"),
+        "rm_scores_field": args.use_rm_scores,
+        "reward_model": info.reward_model if calls_rm else None,
+    }
+
+
+def read_meta(path: Path) -> Optional[dict[str, Any]]:
+    """The recorded options (None if there is no record); an unreadable record is an error."""
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{path}: cannot read the recorded options ({exc}); --overwrite to "
+                         "start fresh") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("options"), dict):
+        raise InputError(f"{path}: not an options record of hero-rewards score; --overwrite to "
+                         "start fresh")
+    return meta["options"]
+
+
+def write_meta(path: Path, options: dict[str, Any], source: Path) -> None:
+    from . import __version__
+
+    record = {"format": META_FORMAT, "hero_rewards": __version__, "input": str(source),
+              "options": options}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)  # atomic: a killed run never leaves half a record
+
+
+def _flat(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def option_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    old, new = _flat(recorded), _flat(current)
+    return [f"{key}: {old.get(key)!r} there, {new.get(key)!r} now"
+            for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+
+
+def resume_refusal(output: Path, recorded: Optional[dict[str, Any]],
+                   current: dict[str, Any]) -> Optional[str]:
+    """Why results already in ``output`` must not be resumed into with ``current`` (None: ok)."""
+    fix = ("run with the options it was made with, --overwrite to score from scratch, or "
+           "choose another -o")
+    meta = meta_path(output)
+    if recorded is None:
+        return (f"{output} holds results but no record of the options that made them ({meta} "
+                f"is missing), so resuming could mix results of different options; {fix}")
+    diffs = option_differences(recorded, current)
+    if diffs:
+        return (f"{output} was made with other options ({'; '.join(diffs)}); resuming would "
+                f"mix results of both (recorded in {meta}); {fix}")
+    return None
 
 
 # ---------------------------------------------------------------- summary
@@ -261,43 +367,67 @@ def _progress(total: int, initial: int, disable: bool, stream: TextIO) -> Any:
 # ---------------------------------------------------------------- main
 
 
+def _parse_params(raw: Optional[dict[str, Any]]) -> Optional[HeroParams]:
+    if raw is None:
+        return None
+    try:
+        return HeroParams.model_validate(raw)
+    except ValidationError as exc:
+        raise InputError(f"--params: {_problems(exc)}") from None
+
+
 def run(args: argparse.Namespace, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> int:
     if args.batch_groups < 1:
         print("hero-rewards score: --batch-groups must be >= 1", file=stderr)
         return 2
+    meta = meta_path(args.output)
     try:
-        params = HeroParams.model_validate(args.params) if args.params is not None else None
+        params = _parse_params(args.params)
         groups = read_groups(args.input, args.use_rm_scores)
-        done = read_results(args.output, repair=True)
-    except (InputError, ValidationError, OSError) as exc:
+        # Read only: the output is repaired (torn line) once its options are known to match.
+        done = [] if args.overwrite else read_results(args.output)
+        recorded = read_meta(meta) if done else None
+    except (InputError, OSError) as exc:
         print(f"hero-rewards score: {exc}", file=stderr)
         return 2
+
     done_ids = {r.get("id") for r in done}
     todo = [g for g in groups if g.id not in done_ids]
     batch_no = max((r.get("batch", -1) for r in done), default=-1) + 1
     running = RunningSigma(value=sigma_after(done))
-    if done:
-        print(f"hero-rewards score: resuming: {len(groups) - len(todo)} of {len(groups)} groups "
-              f"already in {args.output}", file=stderr)
-
     total = sum(len(g.responses) for g in groups)
-    bar = _progress(total, total - sum(len(g.responses) for g in todo), args.no_progress, stderr)
+    bar: Any = _NoBar()
     started = time.monotonic()
     status = 0
     batch: list[Group] = []
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     try:
         with HeroClient(args.url, api_key=args.api_key, timeout=args.timeout,
                         retry=RetryPolicy(max_attempts=max(1, args.max_attempts)),
-                        running_sigma=running) as client, args.output.open("a") as out:
-            for start in range(0, len(todo), args.batch_groups):
-                batch = todo[start:start + args.batch_groups]
-                response = client.score(batch, mode=args.mode, verifier=args.verifier,
-                                        params=params, request_id=f"score/{batch_no}")
-                out.write("".join(line + "\n" for line in result_lines(response, batch_no)))
-                out.flush()
-                batch_no += 1
-                bar.update(sum(len(g.responses) for g in batch))
+                        running_sigma=running) as client:
+            options = run_options(args, params, client.info(), groups)
+            refusal = resume_refusal(args.output, recorded, options) if done else None
+            if refusal is not None:
+                print(f"hero-rewards score: {refusal}", file=stderr)
+                return 2
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            if done:
+                read_results(args.output, repair=True)
+                print(f"hero-rewards score: resuming: {len(groups) - len(todo)} of "
+                      f"{len(groups)} groups already in {args.output}", file=stderr)
+            else:  # fresh (or --overwrite): nothing of an earlier run may stay
+                args.output.write_bytes(b"")
+            write_meta(meta, options, args.input)
+            bar = _progress(total, total - sum(len(g.responses) for g in todo), args.no_progress,
+                            stderr)
+            with args.output.open("a") as out:
+                for start in range(0, len(todo), args.batch_groups):
+                    batch = todo[start:start + args.batch_groups]
+                    response = client.score(batch, mode=args.mode, verifier=args.verifier,
+                                            params=params, request_id=f"score/{batch_no}")
+                    out.write("".join(line + "\n" for line in result_lines(response, batch_no)))
+                    out.flush()
+                    batch_no += 1
+                    bar.update(sum(len(g.responses) for g in batch))
     except HeroError as exc:
         where = f" (batch starting at group {batch[0].id!r})" if batch else ""
         print(f"\nhero-rewards score: {exc}{where}; finished groups are kept in {args.output}, "

@@ -1,18 +1,34 @@
 """The ``hero-rewards`` command: ``serve`` runs the service (needs the [server] extra); ``score``
-scores a JSONL file of prompt groups against a running service (client only)."""
+scores a JSONL file of prompt groups against a running service (client only); ``--version``."""
 
 from __future__ import annotations
 
 import sys
 from typing import Optional, Sequence
 
-USAGE = """usage: hero-rewards COMMAND [options]
+# The package is installed from a clone (it is not on PyPI): the [server] extra of that path.
+SERVER_INSTALL = "pip install '/path/to/hero-rewards[server]' (a clone of the repository)"
+
+USAGE = f"""usage: hero-rewards COMMAND [options]
+       hero-rewards --version
 
 commands:
-  serve     run the HTTP service (pip install 'hero-rewards[server]')
+  serve     run the HTTP service (needs the server extra: {SERVER_INSTALL})
   score     score a JSONL file of prompt groups with a running service (resumable)
 
 Run 'hero-rewards COMMAND --help' for a command's options."""
+
+
+def package_version() -> str:
+    """The installed distribution's version (the one pip reports), else the module's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hero-rewards")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        from . import __version__
+
+        return __version__
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -20,13 +36,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        print(f"hero-rewards {package_version()}")
+        return 0
     command, rest = args[0], args[1:]
     if command == "serve":
         try:
             from hero_service.cli import main as serve_main
         except ImportError as exc:
-            print(f"hero-rewards serve needs the server extra: pip install 'hero-rewards[server]' "
-                  f"({exc})", file=sys.stderr)
+            print(f"hero-rewards serve needs the server extra: {SERVER_INSTALL} ({exc})",
+                  file=sys.stderr)
             return 2
         return serve_main(rest)
     if command == "score":
