@@ -6,6 +6,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# A non-loopback HOST needs a key: `make serve HOST=0.0.0.0 API_KEY_FILE=/path/to/key` (or
+# API_KEY=...). They reach the service as HERO_API_KEY / HERO_API_KEY_FILE in its environment,
+# never on the echoed command line (nor in `ps` of the service).
+API_KEY ?=
+API_KEY_FILE ?=
 
 .PHONY: serve test install-server install-dev bench clean
 
@@ -33,6 +38,12 @@ $(VENV)/.dev-installed: pyproject.toml constraints.txt | $(PY)
 install-server: $(VENV)/.server-installed
 install-dev: $(VENV)/.dev-installed
 
+ifneq ($(API_KEY),)
+serve: export HERO_API_KEY = $(API_KEY)
+endif
+ifneq ($(API_KEY_FILE),)
+serve: export HERO_API_KEY_FILE = $(API_KEY_FILE)
+endif
 serve: $(VENV)/.server-installed
 	$(VENV)/bin/hero-rewards serve --host $(HOST) --port $(PORT)
 
