@@ -53,6 +53,14 @@ class Settings(BaseSettings):
     # Group assembly across requests (OpenRLHF per-query traffic); 0 = off.
     group_size: int = Field(0, ge=0, description="assemble groups of this size across requests")
     group_timeout_s: float = Field(30.0, gt=0, description="score a partial group after this wait")
+    # Where assembling groups meet: this process, or a Redis shared by every replica.
+    group_store: str = Field(
+        "memory", description="memory | redis://host:port/db | rediss://host:port/db (TLS): "
+        "where groups assembled across requests and the server's running sigma live")
+    group_store_password: Optional[SecretStr] = Field(
+        None, description="Redis password for --group-store (never logged)")
+    group_store_password_file: Optional[Path] = Field(
+        None, description="file holding the Redis password (Kubernetes Secret)")
 
     # Input limits.
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body; beyond it: 413")
