@@ -17,10 +17,12 @@ from .batching import Batcher
 from .config import Settings
 from .http.errors import install_error_handlers
 from .http.openrlhf import GetRewardScorer
-from .http.middleware import BodySizeLimit, LoadShedding, RequestMetrics
+from .http.auth import ApiKeyAuth
+from .http.middleware import BodySizeLimit, LoadShedding, QuietStartupFailure, RequestMetrics
 from .http.routes import router
 from .metrics import Metrics
 from .pipeline import Pipeline
+from .redaction import redact_text
 from .reward_models import RewardModel, load_reward_model
 from .verifiers import ExactVerifier, MathVerifier, NoVerifier, NumericVerifier, Verifier
 
@@ -62,6 +64,7 @@ class Service:
         self.get_reward_scorer: Optional[GetRewardScorer] = None
         self.draining = False
         self.active_requests = 0  # scoring requests being answered (maintained by middleware)
+        self.startup_error: Optional[str] = None  # why the lifespan failed, in one line
 
     def ready(self) -> bool:
         return (self.pipeline is not None and not self.draining
@@ -88,8 +91,21 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         verifiers = build_verifiers(settings, metrics)
-        model = await asyncio.to_thread(reward_model_factory, settings)
-        await asyncio.gather(*(v.start() for v in verifiers.values()))
+        model: Optional[RewardModel] = None
+        stage = "loading the reward model"
+        try:
+            model = await asyncio.to_thread(reward_model_factory, settings)
+            stage = "starting the verifier pool"
+            await asyncio.gather(*(v.start() for v in verifiers.values()))
+        except Exception as exc:
+            # Recorded for the CLI's one-line report (http.middleware.QuietStartupFailure).
+            service.startup_error = redact_text(
+                f"start-up failed {stage}: {type(exc).__name__}: {' '.join(str(exc).split())}")
+            await asyncio.gather(*(v.close() for v in verifiers.values()),
+                                 return_exceptions=True)
+            if model is not None:
+                model.close()
+            raise
         device_type = getattr(getattr(model, "device", None), "type", "remote")
         batcher = Batcher(
             model, max_batch_tokens=settings.resolved_max_batch_tokens(device_type), max_wait_ms=settings.max_wait_ms,
@@ -123,8 +139,12 @@ def create_app(
     app.state.api_key = settings.resolved_api_key()
     install_error_handlers(app)
     app.include_router(router)
-    # Outermost last: size limit, then request metrics, then cheap load shedding.
+    # Added innermost first. A request meets: request metrics (so 401/413/429 are counted), the
+    # API key (on the headers: nothing of an unauthenticated body is read), the size limit, then
+    # cheap load shedding — all before the body is parsed.
     app.add_middleware(LoadShedding, service=service, metrics=metrics)
-    app.add_middleware(RequestMetrics, metrics=metrics, service=service)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyAuth, api_key=app.state.api_key, metrics=metrics)
+    app.add_middleware(RequestMetrics, metrics=metrics, service=service)
+    app.add_middleware(QuietStartupFailure)
     return app

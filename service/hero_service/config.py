@@ -12,6 +12,8 @@ from hero_client.schema import VerifierName
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .redaction import redact_text
+
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
@@ -108,7 +110,10 @@ class Settings(BaseSettings):
         )
 
     def describe(self) -> dict[str, object]:
-        shown = self.model_dump(mode="json")
+        # Every string through the one redaction rule: URLs (remote RM, group store) may carry
+        # user:password or ?api_key=... (SecretStr fields already dump as '**********').
+        shown = {name: redact_text(value) if isinstance(value, str) else value
+                 for name, value in self.model_dump(mode="json").items()}
         shown["api_key"] = "***" if self.resolved_api_key() else None
         return shown
 

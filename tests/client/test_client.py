@@ -15,6 +15,7 @@ from hero_client import (
     HeroAPIError,
     HeroClient,
     HeroConnectionError,
+    HeroValidationError,
     RetryPolicy,
     RewardsResponse,
     RunningSigma,
@@ -152,3 +153,42 @@ def test_chunking_never_splits_a_group():
     groups = [Group(responses=["x"] * n) for n in (3, 3, 10, 1, 1, 1)]
     chunks = chunk_groups(groups, max_groups=2, max_rollouts=6)
     assert [[len(g.responses) for g in c] for c in chunks] == [[3, 3], [10], [1, 1], [1]]
+
+
+def test_bad_groups_are_refused_before_sending_naming_the_field():
+    sent: list[httpx.Request] = []
+    client = HeroClient("http://hero.test", transport=httpx.MockTransport(
+        lambda request: sent.append(request) or httpx.Response(500)))
+    groups = [{"reference": "1", "responses": ["a"]},
+              {"prompt": [{"role": "tool", "content": "x"}], "responses": ["b", 2]}]
+    with pytest.raises(HeroValidationError) as err:
+        client.score(groups)
+    error = err.value
+    assert isinstance(error, HeroAPIError) and isinstance(error, ValueError)
+    assert (error.status, error.code, error.field) == (422, "invalid_request",
+                                                       "groups[1].prompt[0].role")
+    assert [e["field"] for e in error.errors] == ["groups[1].prompt[0].role",
+                                                  "groups[1].responses[1]"]
+    assert "role 'tool' is not supported" in str(error) and "not sent" in str(error)
+    with pytest.raises(HeroValidationError) as err:
+        client.score([{"reference": "1", "responses": ["a"]}], params={"advantage": "gae"})
+    assert err.value.field == "params.advantage"
+    with pytest.raises(HeroValidationError) as err:
+        client.score([{"reference": "1", "responses": ["a"]}], mode="ppo")
+    assert err.value.field == "mode"
+    with pytest.raises(HeroValidationError) as err:
+        client.score({"reference": "1", "responses": ["a"]})  # one group, not in a list
+    assert err.value.field == "groups"
+    with pytest.raises(HeroValidationError) as err:
+        client.score([])
+    assert err.value.field == "groups"
+    assert sent == []  # nothing was sent for any of them
+
+
+def test_the_servers_problem_list_reaches_the_caller(server):
+    with HeroClient(server.url, api_key="test-key") as client:
+        with pytest.raises(HeroAPIError) as err:
+            client.score([{"reference": "1", "responses": ["a"]}, {"responses": ["b"]}])
+    assert err.value.status == 422 and not isinstance(err.value, HeroValidationError)
+    assert err.value.errors == [{"field": "groups[1].reference", "message": err.value.message}]
+    assert "reference" in err.value.message

@@ -130,11 +130,101 @@ def test_bad_input_gets_a_clear_4xx_naming_the_field(server, auth, body, field, 
 
 
 def test_malformed_json_and_wrong_content(server, auth):
-    r = httpx.post(server.url + "/v1/rewards", content=b"{not json", headers=
+    r = httpx.post(server.url + "/v1/rewards", content=b'{"groups": [\n  {not json}]}', headers=
                    {**auth, "content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+    error = r.json()["error"]
+    assert error["field"] == "body"
+    assert error["message"].startswith("body is not valid JSON: Expecting property name")
+    assert "line 2 column 4 (char 16)" in error["message"], error["message"]
+    r = httpx.post(server.url + "/v1/rewards", content=b"groups=1",
+                   headers={**auth, "content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 422
+    assert "body must be a JSON object" in r.json()["error"]["message"]
+    assert "application/json" in r.json()["error"]["message"]
     r = httpx.get(server.url + "/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_a_422_lists_every_problem_with_its_field(server, auth):
+    body = {"mode": "ppo", "params": {"advantage": "gae"}, "groups": [
+        {"reference": "1", "responses": []},
+        {"reference": "1", "responses": ["ok", 7]},
+        {"reference": "1", "responses": ["a"], "respones": ["typo"]},
+    ]}
+    r = post(server, "/v1/rewards", body, auth)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    fields = [e["field"] for e in error["errors"]]
+    assert fields == ["mode", "params.advantage", "groups[0].responses", "groups[1].responses[1]",
+                      "groups[2].respones"]
+    assert all(e["message"] for e in error["errors"])
+    # The contract's own fields stay: the first problem's field, a message that sums them up.
+    assert error["code"] == "invalid_request" and error["field"] == "mode"
+    assert error["message"].startswith("5 problems: mode: ")
+    assert all(f"{e['field']}: {e['message']}" in error["message"] for e in error["errors"])
+    body["groups"].append({"reference": "1", "responses": ["a"], "rm_scores": ["x"]})
+    error = post(server, "/v1/rewards", body, auth).json()["error"]
+    assert error["message"].startswith("6 problems: ") and error["message"].endswith("; and 1 more")
+    assert "rm_scores" not in error["message"]  # the summary spells out five at most...
+    assert len(error["errors"]) == 6  # ...the list has them all
+
+
+def chat_group(prompt):
+    return {"groups": [{"prompt": prompt, "reference": "4", "responses": ["\\boxed{4}", "5"]}]}
+
+
+@pytest.mark.parametrize("message, field, words", [
+    ({"role": "tool", "content": "42"}, "groups[0].prompt[1].role", "role 'tool' is not supported"),
+    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]},
+     "groups[0].prompt[1].content", "content part [0] is type 'image_url'"),
+    ({"role": "user", "content": None}, "groups[0].prompt[1].content",
+     "content must be a string or a list of text parts, got null"),
+])
+def test_chat_prompt_errors_name_the_real_cause(server, auth, message, field, words):
+    prompt = [{"role": "system", "content": "Be brief."}, message]
+    r = post(server, "/v1/rewards", chat_group(prompt), auth)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["field"] == field and words in error["message"]
+    # Not pydantic's union noise ("... should be a valid string" for the other branch).
+    assert [e["field"] for e in error["errors"]] == [field]
+    assert "valid string" not in error["message"]
+
+
+def test_a_prompt_that_is_neither_text_nor_messages(server, auth):
+    r = post(server, "/v1/rewards", chat_group({"role": "user", "content": "2+2?"}), auth)
+    assert r.status_code == 422
+    assert r.json()["error"]["errors"] == [{
+        "field": "groups[0].prompt",
+        "message": 'prompt must be a string or a list of chat messages [{"role": ..., '
+                   '"content": ...}]'}]
+
+
+def test_openai_text_parts_score_like_the_joined_string(server, auth):
+    parts = [{"type": "text", "text": "What is 2+2?"}, {"type": "text", "text": "Answer briefly."}]
+    as_parts = post(server, "/v1/rewards", chat_group([{"role": "user", "content": parts}]), auth)
+    joined = post(server, "/v1/rewards", chat_group(
+        [{"role": "user", "content": "What is 2+2?\nAnswer briefly."}]), auth)
+    assert as_parts.status_code == 200, as_parts.text
+    assert as_parts.json()["groups"][0]["rm_scores"] == joined.json()["groups"][0]["rm_scores"]
+    assert as_parts.json()["groups"][0]["verified"] == [True, False]
+
+
+def test_openapi_declares_the_bearer_scheme_on_the_scoring_operations(server):
+    spec = httpx.get(server.url + "/openapi.json").json()
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["bearerAuth"] == {"type": "http", "scheme": "bearer",
+                                     "description": schemes["bearerAuth"]["description"]}
+    assert schemes["apiKeyHeader"]["type"] == "apiKey" and schemes["apiKeyHeader"]["in"] == "header"
+    for path in ("/v1/rewards", "/get_reward"):
+        security = spec["paths"][path]["post"]["security"]
+        assert {"bearerAuth": []} in security and {"apiKeyHeader": []} in security, path
+        assert "401" in spec["paths"][path]["post"]["responses"]
+    for path in ("/healthz", "/readyz", "/metrics", "/v1/info"):
+        assert "security" not in spec["paths"][path]["get"], path
+    error = spec["components"]["schemas"]["ErrorDetail"]["properties"]
+    assert "errors" in error  # the 422 list is part of the documented error shape
 
 
 def test_service_keeps_serving_after_bad_input(server, auth):

@@ -1,17 +1,20 @@
 """Input limits (all configurable, listed in /v1/info) and security: API keys (header and key
-file), the bind check, trust_remote_code, no request-chosen paths, and keys kept out of logs."""
+file, checked before the body is read), the bind check, trust_remote_code, no request-chosen
+paths, and keys and URL credentials kept out of logs, /v1/info, errors and metrics."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
 
 from hero_service.reward_models import load_reward_model
-from support import build_tiny_decoder_rm, running_server
+from support import build_tiny_decoder_rm, free_port, running_server
 
 LIMITS = ["--max-body-bytes", "20000", "--max-groups", "3", "--max-responses-per-group", "4",
           "--max-response-chars", "500"]
@@ -118,3 +121,65 @@ def test_trust_remote_code_is_off_unless_asked(tmp_path):
     rm = load_reward_model(f"hf:{path}", device="cpu")  # default: trust_remote_code=False
     assert not marker.exists()
     assert type(rm.model).__name__ == "LlamaForSequenceClassification"
+
+
+SECRETS = ("p4ss", "SEKRET")
+
+
+def test_remote_rm_credentials_never_shown():
+    """A remote RM URL with user:password and ?api_key=: the secrets appear nowhere an operator or
+    a caller can read — the log, the open /v1/info, a 503's message, /metrics."""
+    port = free_port()  # nothing listens there: every RM call fails, so errors quote the URL
+    url = f"https://u:p4ss@127.0.0.1:{port}/classify?api_key=SEKRET&model=x"
+    with running_server("--reward-model", f"remote:{url}", "--verifier-workers", "1",
+                        "--remote-timeout-s", "2") as srv:
+        info = httpx.get(srv.url + "/v1/info").text
+        failed = httpx.post(srv.url + "/v1/rewards", timeout=60, json={"groups": [
+            {"prompt": "2+2?", "reference": "4", "responses": ["\\boxed{4}", "\\boxed{5}"]}]})
+        metrics = httpx.get(srv.url + "/metrics").text
+        log = srv.log()
+    assert failed.status_code == 503, failed.text
+    message = failed.json()["error"]["message"]
+    assert f"127.0.0.1:{port}/classify" in message  # the URL is still named, to debug with
+    assert f"127.0.0.1:{port}/classify?api_key=***&model=x" in info
+    assert "settings:" in log and f"127.0.0.1:{port}" in log
+    for secret in SECRETS:
+        for where, text in (("log", log), ("/v1/info", info), ("error", failed.text),
+                            ("/metrics", metrics)):
+            assert secret not in text, f"{secret!r} shown in {where}"
+
+
+def _post_partial_body(port: int, headers: str, declared: int, sent: int,
+                       wait_s: float) -> bytes | None:
+    """Declare a ``declared``-byte body, send only ``sent`` bytes of it, and return what the
+    server answers within ``wait_s`` (None: it is still waiting for the body)."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(f"POST /v1/rewards HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {declared}\r\n"
+                     f"{headers}\r\n".encode() + b"[" * sent)
+        sock.settimeout(wait_s)
+        try:
+            return sock.recv(65536)
+        except socket.timeout:
+            return None
+
+
+@pytest.mark.parametrize("headers", ["", "Authorization: Bearer wrong\r\n",
+                                     "X-API-Key: nope\r\n"])
+def test_a_missing_or_wrong_key_is_refused_before_the_body_is_read(server, headers):
+    """16 MiB declared, 64 KiB sent: the 401 comes at once, from the headers alone. (Checking the
+    key in a route dependency, as before, waits for the whole body and parses it first.)"""
+    started = time.monotonic()
+    answer = _post_partial_body(server.port, headers, 16 * 1024 * 1024, 64 * 1024, wait_s=15)
+    assert answer is not None, "no answer: the server waited for the unauthenticated body"
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+    assert b'"code":"unauthorized"' in answer.replace(b" ", b"")
+    assert b"www-authenticate: bearer" in answer.lower()
+    assert time.monotonic() - started < 15
+
+
+def test_the_right_key_still_waits_for_the_whole_body(server):
+    """The control for the test above: with the key, the same partial body gets no early answer
+    (the early 401 is the key check, not the server giving up on slow bodies)."""
+    assert _post_partial_body(server.port, "Authorization: Bearer test-key\r\n",
+                              16 * 1024 * 1024, 64 * 1024, wait_s=2) is None

@@ -8,7 +8,13 @@
 """
 
 from ._client import AsyncHeroClient, HeroClient
-from ._errors import HeroAPIError, HeroConnectionError, HeroError, HeroTimeoutError
+from ._errors import (
+    HeroAPIError,
+    HeroConnectionError,
+    HeroError,
+    HeroTimeoutError,
+    HeroValidationError,
+)
 from ._retry import RetryPolicy
 from ._sigma import RunningSigma
 from .schema import (
@@ -36,6 +42,7 @@ __all__ = [
     "HeroError",
     "HeroParams",
     "HeroTimeoutError",
+    "HeroValidationError",
     "InfoResponse",
     "RetryPolicy",
     "RewardsRequest",

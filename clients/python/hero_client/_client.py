@@ -3,20 +3,26 @@
 Both share request building, chunking and merging (pure functions below); they differ only in how
 they send. Large batches are split into requests of bounded size, sent with bounded concurrency,
 retried on 429/503/connection errors (honouring Retry-After), and merged back in order. Pass
-``transport=`` (e.g. ``httpx.MockTransport``) to swap the network out in tests."""
+``transport=`` (e.g. ``httpx.MockTransport``) to swap the network out in tests.
+
+Groups and params given as dicts are checked before anything is sent; a bad one raises
+:class:`HeroValidationError` (a :class:`HeroAPIError` with status 422, the field named as the
+server would name it, e.g. ``groups[3].prompt[0].role``, and ``errors`` listing every problem)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, TypeVar, Union
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
-from ._errors import HeroConnectionError, HeroTimeoutError
+from ._errors import HeroConnectionError, HeroTimeoutError, HeroValidationError
 from ._retry import RETRY_STATUSES, RetryPolicy, api_error, retry_after_seconds
 from ._sigma import RunningSigma
+from ._validation import FieldProblem
 from .schema import (
     GetRewardResponse,
     Group,
@@ -32,21 +38,37 @@ from .schema import (
 DEFAULT_URL = "http://127.0.0.1:8000"
 GroupLike = Union[Group, Mapping[str, Any]]
 ParamsLike = Union[HeroParams, Mapping[str, Any], None]
+_Model = TypeVar("_Model", bound=BaseModel)
 
 
-def _as_group(group: GroupLike) -> Group:
-    return group if isinstance(group, Group) else Group.model_validate(dict(group))
+def _validated(model: type[_Model], value: Any, at: str) -> _Model:
+    """``value`` as ``model``, or a :class:`HeroValidationError` naming the field the way the
+    server's 422 would (``groups[3].responses[0]``), instead of a raw pydantic error."""
+    if isinstance(value, model):
+        return value
+    if not isinstance(value, Mapping):
+        raise HeroValidationError([FieldProblem(
+            field=at, message=f"must be a mapping or a {model.__name__}, got "
+                              f"{type(value).__name__}")])
+    try:
+        return model.model_validate(dict(value))
+    except ValidationError as exc:
+        raise HeroValidationError.from_pydantic(exc.errors(), at) from None
+
+
+def _as_groups(groups: Iterable[GroupLike]) -> list[Group]:
+    if isinstance(groups, (str, bytes, Mapping)):
+        raise HeroValidationError([FieldProblem(
+            field="groups", message="must be a list of groups (a mapping is one group: wrap it "
+                                    "in a list)")])
+    return [_validated(Group, group, f"groups[{i}]") for i, group in enumerate(groups)]
 
 
 def _as_params(params: ParamsLike, sigma_ref: Optional[float]) -> HeroParams:
-    if params is None:
-        base = HeroParams()
-    elif isinstance(params, HeroParams):
-        base = params
-    else:
-        base = HeroParams.model_validate(dict(params))
+    base = HeroParams() if params is None else _validated(HeroParams, params, "params")
     if sigma_ref is not None and base.sigma_ref is None:
-        base = base.model_copy(update={"sigma_ref": sigma_ref})
+        base = _validated(HeroParams, {**base.model_dump(exclude_unset=True),
+                                       "sigma_ref": sigma_ref}, "params")
     return base
 
 
@@ -117,17 +139,21 @@ class _ClientBase:
         if sigma_ref is None and self.running_sigma is not None:
             sigma_ref = self.running_sigma.value
         resolved = _as_params(params, sigma_ref)
-        chunks = chunk_groups([_as_group(g) for g in groups], self.max_groups_per_request,
+        chunks = chunk_groups(_as_groups(groups), self.max_groups_per_request,
                               self.max_rollouts_per_request)
         if not chunks:
-            raise ValueError("score() needs at least one group")
-        return [
-            RewardsRequest(
-                request_id=request_id if len(chunks) == 1 or request_id is None
-                else f"{request_id}/{i}",
-                mode=mode, verifier=verifier, params=resolved, groups=chunk)
-            for i, chunk in enumerate(chunks)
-        ]
+            raise HeroValidationError([FieldProblem(
+                field="groups", message="score() needs at least one group")])
+        try:
+            return [
+                RewardsRequest(
+                    request_id=request_id if len(chunks) == 1 or request_id is None
+                    else f"{request_id}/{i}",
+                    mode=mode, verifier=verifier, params=resolved, groups=chunk)
+                for i, chunk in enumerate(chunks)
+            ]
+        except ValidationError as exc:  # mode / verifier / request_id
+            raise HeroValidationError.from_pydantic(exc.errors()) from None
 
     def _finish(self, parts: Sequence[RewardsResponse], request_id: Optional[str]) -> RewardsResponse:
         merged = merge_responses(parts, request_id)

@@ -43,6 +43,7 @@ def api_error(response: httpx.Response) -> HeroAPIError:
     try:
         error = response.json()["error"]
         return HeroAPIError(response.status_code, error.get("code", "error"),
-                            error.get("message", ""), error.get("field"))
+                            error.get("message", ""), error.get("field"),
+                            error.get("errors") or None)
     except (ValueError, KeyError, TypeError):
         return HeroAPIError(response.status_code, "http_error", response.text[:500])

@@ -8,9 +8,18 @@ response models accept unknown fields so an older client can read a newer server
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 API_VERSION = "v1"
 
@@ -35,12 +44,80 @@ class _Response(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+ChatRole = Literal["system", "user", "assistant"]
+CHAT_ROLES: tuple[str, ...] = get_args(ChatRole)
+# What the docs (OpenAPI) advertise for ``content``: a string or OpenAI-style text parts.
+_CONTENT_SCHEMA = {"anyOf": [
+    {"type": "string"},
+    {"type": "array", "items": {
+        "type": "object", "required": ["type", "text"],
+        "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+        "additionalProperties": False}},
+]}
+
+
+def join_text_parts(parts: list[Any]) -> str:
+    """OpenAI-style ``[{"type": "text", "text": ...}, ...]`` content as one string, the parts joined
+    by newlines (as vLLM's chat handling does). Other part types (images, audio) cannot be scored
+    by a text reward model, so they are refused rather than dropped."""
+    texts = []
+    for i, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            what = f"type {kind!r}" if kind is not None else f"a {type(part).__name__}"
+            raise ValueError(f"content part [{i}] is {what}: only text parts "
+                             "{\"type\": \"text\", \"text\": ...} can be scored")
+        text = part.get("text")
+        if not isinstance(text, str) or set(part) - {"type", "text"}:
+            raise ValueError(f"content part [{i}] must be exactly {{\"type\": \"text\", "
+                             "\"text\": <string>}")
+        texts.append(text)
+    return "\n".join(texts)
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    """One chat turn. ``content``: a string, or a list of text parts (joined by newlines)."""
+
+    role: ChatRole
+    content: Annotated[str, WithJsonSchema(_CONTENT_SCHEMA)]
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _supported_role(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in CHAT_ROLES:
+            raise ValueError(
+                f"role {v!r} is not supported: use 'system', 'user' or 'assistant' (tool and "
+                "function turns cannot be scored; put their text in a user turn)")
+        return v
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return join_text_parts(v)
+        if not isinstance(v, str):
+            got = "null" if v is None else type(v).__name__
+            raise ValueError(f"content must be a string or a list of text parts, got {got}")
+        return v
 
 
-Prompt = Union[str, list[ChatMessage]]
+def _prompt_kind(value: Any) -> Optional[str]:
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, list):
+        return "list[ChatMessage]"
+    return None
+
+
+# A string or chat messages. The discriminator picks the branch by the JSON type, so a bad chat
+# message gets that message's error, not pydantic's "or it should have been a string" noise. The
+# tag names are the ones field paths already skip (hero_client._validation.field_path).
+Prompt = Annotated[
+    Union[Annotated[str, Tag("str")], Annotated[list[ChatMessage], Tag("list[ChatMessage]")]],
+    Discriminator(_prompt_kind, custom_error_type="prompt_type",
+                  custom_error_message="prompt must be a string or a list of chat messages "
+                                       "[{\"role\": ..., \"content\": ...}]"),
+]
 
 
 def _check_scores(values: list[float] | None, what: str) -> list[float] | None:
@@ -176,10 +253,18 @@ class GetRewardResponse(_Response):
     extra_logs: dict[str, Any] = Field(default_factory=dict)
 
 
+class FieldError(_Response):
+    field: str
+    message: str
+
+
 class ErrorDetail(_Response):
     code: str
     message: str
     field: Optional[str] = None
+    errors: Optional[list[FieldError]] = Field(
+        None, description="422: every problem found, each with its field (``field``/``message`` "
+                          "above: the first one, and a summary)")
 
 
 class ErrorResponse(_Response):

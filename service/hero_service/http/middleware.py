@@ -1,4 +1,5 @@
-"""ASGI middleware: the body-size limit (before any parsing) and per-request metrics/logging."""
+"""ASGI middleware: the body-size limit and load shedding (before any parsing), per-request
+metrics/logging, and a quiet start-up failure. The API-key check lives in ``auth.py``."""
 
 from __future__ import annotations
 
@@ -148,10 +149,37 @@ class RequestMetrics:
             if tracked:
                 self.service.active_requests -= 1
             route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
+            # Requests refused before routing (401/413/429) still count under their endpoint;
+            # any other unrouted path is one label, so labels stay bounded.
+            path = scope["path"]
+            endpoint = getattr(route, "path", None) or (
+                path if path in SCORING_PATHS else "unmatched")
             elapsed = time.perf_counter() - started
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.request_seconds.labels(endpoint).observe(elapsed)
             if tracked:
                 log.info("request_id=%s %s %s status=%d ms=%.1f", request_id, scope["method"],
                          scope["path"], status, elapsed * 1000)
+
+
+class QuietStartupFailure:
+    """uvicorn logs the lifespan's start-up failure message verbatim, and Starlette puts a full
+    traceback there. The lifespan records the cause (``service.startup_error``) and the CLI prints
+    it as one line, so the traceback is dropped (``--log-level debug`` logs it)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def quiet_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                logging.getLogger("hero_service").debug(
+                    "start-up failed:\n%s", message.get("message", ""))
+                message = {**message, "message": ""}
+            await send(message)
+
+        await self.app(scope, receive, quiet_send)

@@ -19,6 +19,7 @@ from hero_client.schema import (
 )
 
 from ..errors import InputError, NotReady
+from ..redaction import redact_text
 from .auth import require_api_key
 from .errors import error_response
 
@@ -82,7 +83,8 @@ async def info(request: Request) -> InfoResponse:
     pipeline = service.pipeline
     return InfoResponse(
         version=service.version,
-        reward_model=pipeline.reward_model.model_id if pipeline else s.reward_model,
+        # /v1/info is open: the model id must never carry a URL's credentials.
+        reward_model=redact_text(pipeline.reward_model.model_id if pipeline else s.reward_model),
         verifier=s.verifier,
         verifiers=list(get_args(VerifierName)),
         modes=list(get_args(Mode)),

@@ -82,6 +82,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 
+from ..redaction import redact_url
 from .base import Encoded, RewardModel, RewardModelError, ScoringItem, as_messages, prompt_key
 
 PROTOCOLS = ("classify", "pooling", "predict")
@@ -107,11 +108,9 @@ def render(messages: Sequence[dict[str, str]], response: str) -> str:
 
 
 def _redact(url: str) -> str:
-    """The URL as shown in ids and messages: no user:password."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    """The URL as shown in ids, logs and messages: user:password and secret query values
+    (``api_key=``, ``token=``, ...) masked by the service-wide rule."""
+    return redact_url(url)
 
 
 class RemoteRewardModel(RewardModel):
