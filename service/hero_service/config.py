@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     verifier_timeout_s: int = Field(5, ge=1, description="math-verify timeout per parse/compare (s); a stuck worker is killed after 2x+1 s")
     verifier_max_tasks: int = Field(2000, ge=1, description="recycle a worker after this many tasks")
     verifier_memory_mb: int = Field(2048, ge=0, description="address-space cap per worker; 0 = none")
+    # Responses decoded with skip_special_tokens=False end with the policy's EOS/pad text.
+    strip_special_tokens: bool = Field(
+        True, description="remove trailing EOS/pad text (<|im_end|>, </s>, <|eot_id|>, ...) from "
+        "responses before the verifier, and from /get_reward responses before the RM")
+    extra_special_tokens: str = Field(
+        "", description="comma-separated texts stripped too, besides the built-in list")
 
     # Group assembly across requests (OpenRLHF per-query traffic); 0 = off.
     group_size: int = Field(0, ge=0, description="assemble groups of this size across requests")

@@ -63,6 +63,10 @@ class Metrics:
         self.sigma_ref = Gauge(
             "hero_sigma_ref_running", "server-side running mean of group sigma (get_reward)",
             registry=r)
+        self.prompt_mismatches = Counter(
+            "hero_get_reward_prompt_mismatch", "/get_reward queries that do not start with their "
+            "prompt, by how the response was found (prompt_tail: after the prompt's end, "
+            "whole_query: the whole query scored)", ["fallback"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

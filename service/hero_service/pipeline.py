@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from hero_client.schema import Group, GroupResult, RewardsRequest, RewardsResponse, Timings
 
-from . import hero
+from . import hero, special_tokens
 from .batching import Batcher
 from .config import Settings
 from .errors import InputError, Overloaded, ScoringFailed
@@ -134,11 +134,15 @@ class Pipeline:
         self, verifier: Verifier, groups: Sequence[Group]
     ) -> tuple[list[list[Verdict]], float]:
         started = time.perf_counter()
+        # The policy's trailing EOS/pad text is not part of the answer (special_tokens.py).
+        strip = special_tokens.stripper(self.settings.strip_special_tokens,
+                                        self.settings.extra_special_tokens)
 
         async def one(group: Group) -> list[Verdict]:
-            unique = list(dict.fromkeys(group.responses))  # identical responses verified once
+            responses = [strip(r) for r in group.responses]
+            unique = list(dict.fromkeys(responses))  # identical responses verified once
             verdicts = dict(zip(unique, await verifier.verify(group.reference, unique)))
-            return [verdicts[r] for r in group.responses]
+            return [verdicts[r] for r in responses]
 
         results = list(await asyncio.gather(*(one(g) for g in groups)))
         for verdicts in results:

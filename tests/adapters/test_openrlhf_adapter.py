@@ -65,7 +65,8 @@ def test_openrlhf_per_query_requests_equal_one_grouped_call(assembling_server, d
             direct = grouped(client, row["prompt"], row["reference"], row["responses"][:N],
                              sigma_ref)
             assert [a["rewards"][0] for _, a in mine] == pytest.approx(direct.rewards, abs=1e-9)
-            assert [a["scores"][0] for _, a in mine] == pytest.approx(direct.rewards, abs=1e-9)
+            # scores are the verdicts (OpenRLHF's dynamic filtering), rewards HERO's
+            assert [a["scores"][0] for _, a in mine] == [float(v) for v in direct.verified]
             assert [log["verified"][0] for log in logs] == [float(v) for v in direct.verified]
             assert all(log["hero_weight"] == [pytest.approx(direct.weight)] for log in logs)
             own_sigma.append(sigma_ref == pytest.approx(direct.sigma))
@@ -112,6 +113,45 @@ def test_openrlhf_executor_rollouts_are_rewarded_in_their_group(assembling_serve
     assert rewards == pytest.approx(direct.rewards, abs=1e-9)
     assert [o["extra_logs"]["verified"][0] for o in outputs] == [float(v) for v in direct.verified]
     assert any(direct.verified) and not all(direct.verified)
+
+
+def test_openrlhf_templated_prompts_eos_ids_and_numeric_labels(assembling_server, dev_rows):
+    """``--data.apply_chat_template`` with the policy's real template (Qwen2.5's, rendered by
+    OpenRLHF's own ``preprocess_data``), a numeric label column, and completions that end with the
+    EOS token id as vLLM returns them; OpenRLHF decodes with ``skip_special_tokens=False``. The
+    service must read the verdicts and rewards of the plain conversation off that."""
+    from openrlhf.datasets.prompts_dataset import preprocess_data
+
+    from chat_template_support import dev_messages, template_text
+
+    row = dev_rows[17]  # mixed group, integer answer
+    assert row["reference"].isdigit()
+    tokenizer = byte_level_tokenizer([row["system"], row["prompt"], *row["responses"]])
+    tokenizer.chat_template = template_text("qwen2_5")
+    prompt, label = preprocess_data(
+        {"input": dev_messages(row), "answer": int(row["reference"])}, input_key="input",
+        label_key="answer", apply_chat_template=tokenizer.apply_chat_template)
+    assert prompt.startswith("<|im_start|>system\n") and label == int(row["reference"])
+    completions = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                   for r in row["responses"][:N]]
+    engine = StandInEngine(completions)
+    executor = agent.SingleTurnAgentExecutor(hero_openrlhf.remote_rm_url(assembling_server.url))
+    params = SimpleNamespace(max_tokens=4096, logprobs=None)
+
+    async def run():
+        return await asyncio.gather(*(
+            executor.execute(prompt, label, params, 100_000, tokenizer, engine) for _ in range(N)))
+
+    outputs = asyncio.run(run())
+    assert all(o["reward"] is not None for o in outputs), "the service refused the request"
+    sigma_ref = outputs[0]["extra_logs"]["sigma_ref"][0]
+    with HeroClient(assembling_server.url) as client:
+        direct = client.score([{"prompt": dev_messages(row), "reference": row["reference"],
+                                "responses": row["responses"][:N]}], sigma_ref=sigma_ref).groups[0]
+    assert [o["scores"][0] for o in outputs] == [float(v) for v in direct.verified]
+    assert [float(v) for v in direct.verified] == [float(v) for v in row["grader_correct"][:N]]
+    assert [o["reward"][0] for o in outputs] == pytest.approx(direct.rewards, abs=1e-9)
+    assert all(o["extra_logs"]["prompt_mismatch"] == [0.0] for o in outputs)
 
 
 def test_openrlhf_reward_file_hook_sends_the_api_key(server, dev_rows, tmp_path, monkeypatch):

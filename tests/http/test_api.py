@@ -243,8 +243,9 @@ def test_get_reward_groups_queries_by_prompt(server, auth):
     r = post(server, "/get_reward", body, auth)
     assert r.status_code == 200, r.text
     out = r.json()
-    assert out["scores"] == out["rewards"] and len(out["rewards"]) == 5
-    assert out["extra_logs"]["verified"] == [1.0, 0.0, 1.0, 1.0, 0.0]
+    # scores are the verdicts (OpenRLHF's dynamic filtering reads them); rewards are HERO's
+    assert out["scores"] == out["extra_logs"]["verified"] == [1.0, 0.0, 1.0, 1.0, 0.0]
+    assert len(out["rewards"]) == 5 and out["rewards"] != out["scores"]
     rewards = out["rewards"]
     assert min(rewards[0], rewards[2]) > rewards[1] and rewards[3] > rewards[4]
     assert all(len(v) == 5 for v in out["extra_logs"].values())

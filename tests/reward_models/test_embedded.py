@@ -44,3 +44,18 @@ def test_batched_and_single_scores_agree(rm, dev_rows):
 def test_reference_is_required(rm):
     with pytest.raises(RewardModelError, match="reference"):
         rm.encode([ScoringItem("q", "a", None)])
+
+
+def test_a_policy_rendered_prompt_changes_nothing(rm, dev_rows):
+    """The embedded RM compares the response's tail with the reference only: how the prompt
+    arrives (plain, chat messages, rendered by a policy's chat template) does not matter."""
+    from chat_template_support import dev_messages, policy_tokenizer, render_prompt
+
+    row = dev_rows[2]
+    messages = dev_messages(row)
+    prompts = [row["prompt"], messages, render_prompt(policy_tokenizer("qwen2_5"), messages)]
+    encoded = [rm.encode([ScoringItem(p, row["responses"][1], row["reference"])])[0]
+               for p in prompts]
+    assert len({e.payload for e in encoded}) == 1
+    scores = [rm.forward([e])[0] for e in encoded]
+    assert scores == pytest.approx([scores[0]] * 3, abs=1e-6)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from chat_template_support import dev_messages, policy_tokenizer, render_prompt
 from hero_service.reward_models import ScoringItem, load_reward_model
 from support import build_tiny_decoder_rm
 
@@ -70,3 +71,44 @@ def test_missing_pad_token_falls_back_to_eos(tmp_path):
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_reward_model(f"hf:{tmp_path / 'nope'}")
+
+
+# -- what the RM is shown: prompts rendered by the policy, the policy's EOS text --------------
+
+
+@pytest.mark.parametrize("policy", ["qwen2_5", "llama3"])
+def test_policy_rendered_prompt_is_not_templated_twice(rm, dev_rows, policy):
+    """OpenRLHF --data.apply_chat_template: the prompt arrives rendered by the policy's real
+    template; the RM must see its own template around the same conversation, once."""
+    row = dev_rows[3]
+    messages = dev_messages(row)
+    rendered = render_prompt(policy_tokenizer(policy), messages)
+    eos = {"qwen2_5": "<|im_end|>", "llama3": "<|eot_id|>"}[policy]
+    sent = ScoringItem(rendered, row["responses"][0] + eos)
+    clean = ScoringItem(messages, row["responses"][0])
+    assert rm.render_item(sent) == rm.render(messages, row["responses"][0])
+    assert "im_start" not in rm.render_item(sent) and "header_id" not in rm.render_item(sent)
+    (got,), (want,) = rm.encode([sent]), rm.encode([clean])
+    assert got.payload == want.payload  # the same token ids as the conversation itself
+    # what it used to be: the rendered prompt wrapped in a user turn and templated again
+    (doubled,) = rm.encode([ScoringItem([{"role": "user", "content": rendered}],
+                                        row["responses"][0] + eos)])
+    assert doubled.payload != want.payload
+    assert rm.forward([got]) == pytest.approx(rm.forward([want]), abs=1e-6)
+
+
+def test_rendered_prompt_in_an_unknown_format_is_scored_verbatim(rm):
+    prompt = render_prompt(policy_tokenizer("gptoss"), [{"role": "user", "content": "2+2?"}])
+    item = ScoringItem(prompt, "<|channel|>final<|message|>4<|return|>")
+    text = rm.render_item(item)
+    assert text == prompt + "<|channel|>final<|message|>4"  # no RM template, the EOS removed
+    (enc,) = rm.encode([item])
+    assert list(enc.payload) == rm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_trailing_eos_text_is_removed_before_the_rm_template(rm):
+    endings = ["<|im_end|>", "<|endoftext|><|endoftext|>", "</s>", "[SEP]", "<end_of_turn>\n"]
+    (want,) = rm.encode([ScoringItem("What is 2+2?", "It is 4.")])
+    for ending in endings:
+        (got,) = rm.encode([ScoringItem("What is 2+2?", "It is 4." + ending)])
+        assert got.payload == want.payload, ending

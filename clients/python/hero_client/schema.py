@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -229,14 +230,35 @@ class RewardsResponse(_Response):
     timings_ms: Timings = Field(default_factory=Timings)
 
 
+def _label_text(value: Any) -> Any:
+    """OpenRLHF posts its dataset's label column as it is, so a numeric answer arrives as a JSON
+    number: it is the reference's text (42 -> "42", 0.5 -> "0.5", 42.0 -> "42")."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not an answer: send the label as a string or a number")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value}")
+        # Integral floats (a pandas int column with gaps reads as float) as integers, so the
+        # exact verifier compares "42" with "42", not "42.0".
+        return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+    raise ValueError(f"must be a string or a number, got {type(value).__name__}")
+
+
 class GetRewardRequest(BaseModel):
-    """OpenRLHF remote-RM payload. Extra keys OpenRLHF versions add are ignored."""
+    """OpenRLHF remote-RM payload. Extra keys OpenRLHF versions add are ignored. An empty
+    ``query`` list is a valid request with an empty answer."""
 
     model_config = ConfigDict(extra="ignore")
 
-    query: list[str] = Field(..., min_length=1)
+    query: list[str]
     prompts: Optional[list[str]] = None
-    labels: Optional[list[Optional[str]]] = None
+    labels: Optional[list[Annotated[Optional[str], BeforeValidator(_label_text)]]] = Field(
+        None, description="one per query: the reference answer, a string or a JSON number "
+                          "(42 -> \"42\"); the verifiers that need a reference refuse a blank one")
 
     @model_validator(mode="after")
     def _lengths(self) -> "GetRewardRequest":

@@ -18,7 +18,7 @@ from hero_client.schema import (
     VerifierName,
 )
 
-from ..errors import InputError, NotReady
+from ..errors import NotReady
 from ..redaction import redact_text
 from .auth import require_api_key
 from .errors import error_response
@@ -42,15 +42,12 @@ async def rewards(body: RewardsRequest, request: Request) -> RewardsResponse:
 @router.post("/get_reward", response_model=GetRewardResponse, responses=_ERRORS,
              dependencies=[Depends(require_api_key)])
 async def get_reward(body: GetRewardRequest, request: Request) -> GetRewardResponse:
-    """OpenRLHF ``--remote_rm_url`` endpoint. Groups are the queries sharing a prompt (and label);
-    with ``--group-size`` they may arrive across requests. sigma_ref is the server's running mean
-    (OpenRLHF cannot send one)."""
+    """OpenRLHF ``--reward.remote_url`` endpoint. Groups are the queries sharing a prompt (and
+    label); with ``--group-size`` they may arrive across requests. sigma_ref is the server's
+    running mean (OpenRLHF cannot send one). ``scores`` are the verdicts (1.0 verified, else 0.0),
+    ``rewards`` the HERO rewards; see ``http/openrlhf.py`` for prompts, labels and EOS text."""
     service = _service(request)
-    pipeline = service.require_pipeline()
-    verifier = pipeline.verifiers[service.settings.verifier]
-    if body.labels is None and verifier.needs_reference:
-        raise InputError(f"the {verifier.name!r} verifier needs labels (pass --label_key)",
-                         "labels")
+    service.require_pipeline()
     return await service.get_reward_scorer.score(body)
 
 

@@ -1,7 +1,19 @@
 """The ``hf`` backend: any local ``AutoModelForSequenceClassification`` reward model directory
 (Skywork-Reward, AceMath-RM, ...). Conversations go through the tokenizer's chat template; bf16 on
 GPU, fp32 on CPU; SDPA attention; right padding with a real pad token; over-long inputs keep the
-*end* of the response (the final answer) and are flagged ``truncated``."""
+*end* of the response (the final answer) and are flagged ``truncated``.
+
+What the RM is shown (``render_item``):
+
+- A prompt given as chat messages, or as plain text (one user message), is rendered with the RM's
+  chat template (without one: the contents joined by newlines, then the response).
+- A string prompt already rendered with a *policy's* chat template (OpenRLHF with
+  ``--data.apply_chat_template``) is parsed back into messages and rendered with the RM's own
+  template; one in a format that cannot be parsed is scored verbatim, prompt + response, with no
+  template on top — never templated twice (rules in ``templates.py``).
+- The response's trailing special-token text (the policy's ``<|im_end|>``, ``</s>``, pad...; the
+  built-in list of ``special_tokens.py`` plus this tokenizer's own special tokens) is removed
+  first: the RM's template writes the turn's end itself."""
 
 from __future__ import annotations
 
@@ -11,8 +23,12 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from ..special_tokens import DEFAULT_SPECIAL_TOKEN_TEXTS, TrailingTokenStripper
+from . import templates
 from ._torch_utils import pad_right, resolve_device, resolve_dtype
-from .base import Encoded, RewardModel, ScoringItem, as_messages, prompt_key, tail
+from .base import (
+    Encoded, Messages, PromptLike, RewardModel, ScoringItem, as_messages, prompt_key, tail,
+)
 
 # Fallback when neither --max-length nor the model gives a usable limit.
 DEFAULT_MAX_TOKENS = 4096
@@ -44,6 +60,8 @@ class HFRewardModel(RewardModel):
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.max_tokens = max_length or self._model_limit()
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.strip_special_tokens = TrailingTokenStripper(
+            (*DEFAULT_SPECIAL_TOKEN_TEXTS, *self.tokenizer.all_special_tokens))
 
     def _load(self, path: Path, trust_remote_code: bool) -> torch.nn.Module:
         kwargs = dict(dtype=self.dtype, trust_remote_code=trust_remote_code)
@@ -61,6 +79,21 @@ class HFRewardModel(RewardModel):
         usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
         return min(usable) if usable else DEFAULT_MAX_TOKENS
 
+    def conversation(self, prompt: PromptLike) -> Messages | None:
+        """The messages the RM's template renders for ``prompt``; None: score it verbatim."""
+        if isinstance(prompt, str) and templates.looks_rendered(prompt):
+            return templates.prompt_messages(prompt)
+        return as_messages(prompt)
+
+    def render_item(self, item: ScoringItem) -> str:
+        """The exact text this RM scores for ``item``."""
+        response = self.strip_special_tokens(item.response)
+        messages = self.conversation(item.prompt)
+        if messages is None:
+            assert isinstance(item.prompt, str)
+            return item.prompt + response
+        return self.render(messages, response)
+
     def render(self, prompt: list[dict[str, str]], response: str) -> str:
         if self.has_chat_template:
             conversation = [*prompt, {"role": "assistant", "content": response}]
@@ -68,21 +101,30 @@ class HFRewardModel(RewardModel):
         context = "\n".join(m["content"] for m in prompt)
         return f"{context}\n{response}" if context else response
 
-    def _token_ids(self, text: str) -> list[int]:
+    def _token_ids(self, text: str, add_special: bool | None = None) -> list[int]:
         # The chat template already wrote the special tokens (BOS etc.) as text.
-        add_special = not self.has_chat_template
+        if add_special is None:
+            add_special = not self.has_chat_template
         return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
     def encode_one(self, item: ScoringItem) -> Encoded:
-        messages = as_messages(item.prompt)
-        ids = self._token_ids(self.render(messages, item.response))
+        messages = self.conversation(item.prompt)
+        if messages is None:
+            # Verbatim: the policy's rendering already holds its BOS and turn markers as text
+            # (as OpenRLHF's serve_rm.py tokenizes a query). Over-long: keep the end.
+            ids, truncated = tail(self._token_ids(self.render_item(item), add_special=False),
+                                  self.max_tokens)
+            return Encoded(key=(prompt_key(item.prompt), item.response), n_tokens=len(ids),
+                           truncated=truncated, payload=tuple(ids))
+        response = self.strip_special_tokens(item.response)
+        ids = self._token_ids(self.render(messages, response))
         truncated = False
         if len(ids) > self.max_tokens:
             # Cut the response from the front, keeping its end, then re-render so the template's
             # closing tokens survive; clip from the left if the prompt alone is too long.
             truncated = True
             overhead = len(self._token_ids(self.render(messages, "")))
-            response_ids = self.tokenizer(item.response, add_special_tokens=False)["input_ids"]
+            response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
             kept, _ = tail(response_ids, self.max_tokens - overhead)
             shortened = self.tokenizer.decode(kept)
             ids = self._token_ids(self.render(messages, shortened))

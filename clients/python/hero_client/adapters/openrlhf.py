@@ -8,7 +8,11 @@ concurrently. The service's
 ``/get_reward`` speaks that protocol; started with ``--group-size`` equal to
 ``--rollout.n_samples_per_prompt`` it holds the requests of one (prompt, label) until the group is
 complete, scores it as one HERO group with its server-side running sigma-bar, and answers each
-request with its own response's reward. Nothing of this package runs inside OpenRLHF::
+request with its own response's reward (``rewards``) and verdict (``scores``: 1.0 verified, else
+0.0 — OpenRLHF's dynamic filtering reads ``scores`` as a [0, 1] value). Prompts rendered with the
+policy's chat template (``--data.apply_chat_template``), the policy's EOS text at the end of each
+query, and numeric labels are all handled by the service. Nothing of this package runs inside
+OpenRLHF::
 
     hero-rewards serve --host 0.0.0.0 --insecure --group-size 8 --group-timeout-s 120
     python -m openrlhf.cli.train_ppo_ray ... \\
@@ -84,7 +88,7 @@ def check_service(url: str, n_samples_per_prompt: Optional[int] = None,
             info = InfoResponse.model_validate_json(http.get("/v1/info").content)
         except httpx.TransportError as exc:
             raise ValueError(f"no hero-rewards service answers at {base}: {exc}") from exc
-        probe = http.post("/get_reward", json={"query": []})  # invalid on purpose: no scoring
+        probe = http.post("/get_reward", json={"query": []})  # empty: answered, nothing scored
     if probe.status_code == 401:
         raise ValueError(
             f"{base}/get_reward requires an API key, and OpenRLHF's HTTP client sends none: run "
@@ -115,10 +119,11 @@ def _client() -> HeroClient:
 
 
 def reward_func(queries: Sequence[str], prompts: Sequence[str],
-                labels: Sequence[Optional[str]]) -> dict[str, Any]:
+                labels: Sequence[Any]) -> dict[str, Any]:
     """OpenRLHF's Python-file reward hook (``--reward.remote_url /path/to/file.py``): the same
     ``/get_reward`` call OpenRLHF's HTTP client makes, with the API key from ``HERO_API_KEY``
-    (service URL from ``HERO_URL``). Returns ``{"rewards", "scores", "extra_logs"}``."""
-    result = _client().get_reward(list(queries), prompts=list(prompts),
-                                  labels=[None if x is None else str(x) for x in labels])
+    (service URL from ``HERO_URL``). Returns ``{"rewards", "scores", "extra_logs"}``; ``scores``
+    are the verdicts. Labels go as the dataset holds them: the service reads a number as its
+    text (42 -> "42") and refuses, naming it, a label it cannot use."""
+    result = _client().get_reward(list(queries), prompts=list(prompts), labels=list(labels))
     return {"rewards": result.rewards, "scores": result.scores, "extra_logs": result.extra_logs}
