@@ -52,7 +52,8 @@ class RedisServer:
                 "--logfile", str(self.log_path), "--daemonize", "no", *self.extra_args]
         if self.password:
             args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with (self.dir / "stderr.log").open("ab") as err:  # config errors land here
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -76,7 +77,8 @@ class RedisServer:
             return False
 
     def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
+        return "".join(p.read_text(errors="replace") for p in (self.dir / "stderr.log",
+                                                             self.log_path) if p.exists())
 
     def kill(self) -> None:
         """SIGKILL: the server vanishes mid-operation, as in a node failure."""
@@ -110,7 +112,7 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "RedisServer":
-        return self.start()
+        return self if self.proc is not None and self.proc.poll() is None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()

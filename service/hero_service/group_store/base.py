@@ -499,6 +499,7 @@ class GroupStore(abc.ABC):
         started = time.monotonic()
         give_up_at = started + timeout_s + self.lease_s
         published_here = False
+        spins = 0
         while True:
             if reply.kind == "closed":
                 assert reply.result is not None
@@ -520,8 +521,15 @@ class GroupStore(abc.ABC):
                 continue
             # waiting or closing: sleep until notified, the deadline, or the lease's end.
             give_up_at = max(give_up_at, time.monotonic() + reply.remaining_s + self.lease_s)
+            slept = time.monotonic()
             await self._wait_signal(key, reply.gen, reply.remaining_s + 0.005,
                                     self.lease_s if reply.kind == "waiting" else None)
+            if time.monotonic() - slept < 0.001:
+                # Woken at once again and again, yet not done (a signal that no longer
+                # applies): back off a little, so a waiter never spins on the store.
+                spins += 1
+                if spins > 1:
+                    await asyncio.sleep(min(0.01 * spins, 0.2))
             gen = reply.gen
             reply = await self._retrying(lambda: self._claim(key, gen), give_up_at)
 

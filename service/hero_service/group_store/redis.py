@@ -8,9 +8,10 @@ and may be lost (a dropped connection, a Redis restart): a poller checks the gro
 waits for every ``poll_interval_s`` in one pipelined round trip, and every waiter also wakes at
 its group's deadline or its closer's lease end. :meth:`stats` counts the round trips.
 
-Outages fail fast: connect and socket timeouts are short and redis-py's own retries are off, so
-a call fails within about ``socket_timeout_s`` with :class:`GroupStoreUnavailable`; waiters
-retry through an outage only until their group's deadline (base.py).
+Outages fail fast: connect and socket timeouts are short and redis-py retries once, at once (a
+pooled connection the server closed), so a call fails within ``socket_timeout_s + 2 *
+connect_timeout_s`` with :class:`GroupStoreUnavailable`; waiters retry through an outage only
+until their group's deadline (base.py).
 
 Without Redis persistence a restart loses the open groups (their waiters re-join them with the
 time they had left) and the sigma-bar series (they start again from the next groups); with AOF
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import secrets
 from importlib import resources
 from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -29,7 +31,10 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError, AuthenticationWrongNumberOfArgsError, AuthorizationError,
+    NoPermissionError, RedisError, ResponseError,
+)
 
 from .base import GroupKey, GroupStore, GroupStoreUnavailable, Member, Reply, Signals
 
@@ -68,10 +73,12 @@ class RedisGroupStore(GroupStore):
         self.url = display_url(url)
         self.prefix = prefix
         self.poll_interval_s = poll_interval_s
-        self._op_timeout_s = socket_timeout_s + connect_timeout_s
+        # One immediate retry: after a Redis restart each pooled connection fails once (closed
+        # by the server) before a fresh one is made. The whole call stays bounded.
+        self._op_timeout_s = socket_timeout_s + 2 * connect_timeout_s
         kwargs: dict[str, Any] = dict(
             decode_responses=True, socket_timeout=socket_timeout_s,
-            socket_connect_timeout=connect_timeout_s, retry=Retry(NoBackoff(), 0),
+            socket_connect_timeout=connect_timeout_s, retry=Retry(NoBackoff(), 1),
             health_check_interval=0, client_name="hero-rewards")
         if password is not None:
             kwargs["password"] = password
@@ -94,8 +101,7 @@ class RedisGroupStore(GroupStore):
                        asyncio.create_task(self._poll(), name="group-store-poll")]
 
     async def close(self) -> None:
-        # redis-py's get_message(timeout=...) can swallow a cancellation, so the listener also
-        # checks this flag (at least once a second); close never waits on it for long.
+        # Tasks are cancelled and the flag set; close never waits on them for long.
         self._stopping = True
         for task in self._tasks:
             task.cancel()
@@ -119,6 +125,12 @@ class RedisGroupStore(GroupStore):
         self._stats.round_trips[op] += 1
         try:
             return await asyncio.wait_for(fn(), self._op_timeout_s)
+        except (AuthenticationError, AuthorizationError, NoPermissionError,
+                AuthenticationWrongNumberOfArgsError) as exc:
+            # The password is wrong or missing: say so (not "unreachable"), never show it.
+            raise GroupStoreUnavailable(
+                f"group store {self.url} refused us ({op}): {exc}; check --group-store-password"
+                " / --group-store-password-file") from exc
         except ResponseError as exc:
             if "BUSY" in str(exc) or "LOADING" in str(exc):
                 raise GroupStoreUnavailable(f"group store {self.url} is busy: {exc}") from exc
@@ -140,8 +152,10 @@ class RedisGroupStore(GroupStore):
                 await asyncio.wait_for(pubsub.subscribe(self._channel), self._op_timeout_s)
                 delay = 0.1
                 while not self._stopping:
+                    # Blocking read (timeout=None): redis-py's timed read can turn a
+                    # cancellation into a timeout and swallow it.
                     message = await pubsub.get_message(ignore_subscribe_messages=True,
-                                                       timeout=1.0)
+                                                       timeout=None)
                     if message and message.get("type") == "message":
                         phase, digest, gen = str(message["data"]).split("|", 2)
                         self._signals.notify((digest, gen), closed=phase == "closed")
@@ -199,7 +213,8 @@ class RedisGroupStore(GroupStore):
     async def _join(self, key: GroupKey, members: Sequence[Member],
                     timeout_s: float) -> list[Reply]:
         args: list[Any] = [key.digest, key.run, key.size, self._ms(timeout_s),
-                           self._ms(self.lease_s), self._ms(self.result_ttl_s), self.max_waiting]
+                           self._ms(self.lease_s), self._ms(self.result_ttl_s), self.max_waiting,
+                           secrets.token_hex(4)]
         for m in members:
             args += [m.member_id, m.to_json()]
         raw = await self._eval("join", args)

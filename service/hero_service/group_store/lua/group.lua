@@ -124,7 +124,8 @@ if op == 'join' then
   local digest, run = ARGV[3], ARGV[4]
   local size, timeout_ms = tonumber(ARGV[5]), tonumber(ARGV[6])
   local lease_ms, ttl_ms, max_waiting = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-  local first = 10  -- ARGV[first + 2(i-1)] = member id, the next one its data
+  local nonce = ARGV[10]
+  local first = 11  -- ARGV[first + 2(i-1)] = member id, the next one its data
   sweep()
   local base = prefix .. ':{' .. digest .. '}'
   local head = base .. ':head'
@@ -152,7 +153,10 @@ if op == 'join' then
     else
       local gen = redis.call('HGET', head, 'gen')
       if not (gen and redis.call('HGET', gid_of(digest, gen) .. ':meta', 'state') == 'open') then
-        gen = tostring(redis.call('HINCRBY', head, 'opened', 1))
+        -- The caller's nonce keeps generation names unique across a Redis restart without
+        -- persistence (the counter starts again; an old waiter must never mistake the new one
+        -- for its own).
+        gen = redis.call('HINCRBY', head, 'opened', 1) .. '.' .. nonce
         redis.call('HSET', head, 'gen', gen)
         redis.call('PEXPIRE', head, life)
         local gid = gid_of(digest, gen)
