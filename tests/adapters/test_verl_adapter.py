@@ -4,7 +4,9 @@ without its GPU dependencies) against a live service.
 - ``verl.workers.reward_manager.batch.BatchRewardManager`` with ``compute_score_batch``;
 - ``verl.experimental.reward_loop.RewardLoopWorker`` (the 0.9 trainer's reward path: the ``naive``
   manager, one sample a call, loaded from a file through ``reward.custom_reward_function``) with
-  the async ``compute_score``, against a service that assembles groups (``--group-size``).
+  the async ``compute_score``, against a service that assembles groups (``--group-size``), and
+  refused against one that does not (each sample would be a group of one: no RM signal, sigma
+  collapsed) or assembles groups of another size.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import random
 import numpy as np
 import pytest
 
-from adapter_support import byte_level_tokenizer
+from adapter_support import byte_level_tokenizer, metric
 from hero_client import HeroClient
-from hero_client.adapters.verl import client_for, compute_score_batch, group_key
+from hero_client.adapters.verl import check_service, client_for, compute_score_batch, group_key
 from support import running_server
 
 import verl  # installed --no-deps by make test
@@ -63,6 +65,65 @@ def rollouts(rows, per_prompt: int, interleave: bool):
 def tokenizer(dev_rows):
     corpus = [r["prompt"] for r in dev_rows] + [x for r in dev_rows for x in r["responses"]]
     return byte_level_tokenizer(corpus)
+
+
+def reward_loop_config(tokenizer_dir, reward_file, reward_kwargs, rollout_n: int = 4):
+    """The parts of verl's trainer config that RewardLoopWorker reads (as the trainer builds it)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({
+        "actor_rollout_ref": {"model": {"path": str(tokenizer_dir), "tokenizer_path": None},
+                              "rollout": {"n": rollout_n}},
+        "reward": {
+            "num_workers": 1,
+            "custom_reward_function": {"path": str(reward_file), "name": "compute_score",
+                                       "reward_kwargs": reward_kwargs},
+            "reward_manager": {"source": "register", "name": "naive",
+                               "module": {"path": None, "name": "custom_reward_manager"}},
+            "reward_model": {"enable": False},
+        },
+    })
+
+
+def run_reward_loop(config, data):
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+
+    async def run():
+        worker = RewardLoopWorker(config)  # as verl's RewardLoopManager builds it (no ray)
+        return await worker.compute_score_batch(data)
+
+    return asyncio.run(run())
+
+
+@pytest.fixture()
+def reward_file(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    path = tmp_path / "hero_verl.py"
+    path.write_text("from hero_client.adapters.verl import compute_score  # noqa: F401\n")
+    return path
+
+
+def test_verl_reward_loop_refuses_a_service_that_does_not_assemble_groups(server, dev_rows,
+                                                                         tokenizer, reward_file):
+    """Without --group-size every per-sample call would be scored as a group of one (RM
+    normalised away, sigma 0): the first call raises with the fix, and nothing is scored."""
+    samples = rollouts([dev_rows[17]], per_prompt=4, interleave=False)
+    scored_before = metric(server.url, "hero_rollouts_scored_total", 'mode="hero"')
+    for kwargs in ({"url": server.url, "api_key": "test-key"},
+                   {"url": server.url, "api_key": "test-key", "n": "${actor_rollout_ref.rollout.n}"}):
+        config = reward_loop_config(reward_file.parent / "tok", reward_file, kwargs)
+        with pytest.raises(ValueError, match=r"start it with --group-size") as refused:
+            run_reward_loop(config, make_data(tokenizer, samples))
+        assert "one sample per call" in str(refused.value)
+        if "n" in kwargs:  # the rollout n, known: the fix names it
+            assert "--group-size 4" in str(refused.value)
+    assert metric(server.url, "hero_rollouts_scored_total", 'mode="hero"') == scored_before
+
+    with pytest.raises(ValueError, match="--group-size 8"):
+        check_service(server.url, n=8, api_key="test-key")
+    with pytest.raises(ValueError, match="no hero-rewards service answers"):
+        from support import free_port
+        check_service(f"http://127.0.0.1:{free_port()}", n=8, timeout=2)
 
 
 def test_verl_batch_reward_manager_scores_groups_by_extra_info_index(server, dev_rows, tokenizer):
@@ -119,39 +180,21 @@ def test_verl_batch_function_advantages_and_grouping_fallbacks(server, dev_rows)
 
 
 def test_verl_reward_loop_worker_assembles_groups_through_the_service(dev_rows, tokenizer,
-                                                                       tmp_path):
+                                                                       reward_file):
     """verl 0.9's reward path, one sample a call, all of a batch concurrently, through a
     custom_reward_function file; the service assembles each prompt's n samples into one group."""
-    from omegaconf import OmegaConf
-    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
-
     n = 4
     rows = [dev_rows[i] for i in (17, 28)]  # both mixed
     samples = rollouts(rows, per_prompt=n, interleave=False)
     random.Random(0).shuffle(samples)
-    tokenizer.save_pretrained(tmp_path / "tok")
-    reward_file = tmp_path / "hero_verl.py"
-    reward_file.write_text("from hero_client.adapters.verl import compute_score  # noqa: F401\n")
 
     with running_server("--verifier-workers", "1", "--group-size", str(n),
                         "--group-timeout-s", "30") as hero:
-        config = OmegaConf.create({
-            "actor_rollout_ref": {"model": {"path": str(tmp_path / "tok"), "tokenizer_path": None}},
-            "reward": {
-                "num_workers": 1,
-                "custom_reward_function": {"path": str(reward_file), "name": "compute_score",
-                                           "reward_kwargs": {"url": hero.url}},
-                "reward_manager": {"source": "register", "name": "naive",
-                                   "module": {"path": None, "name": "custom_reward_manager"}},
-                "reward_model": {"enable": False},
-            },
-        })
-
-        async def run():
-            worker = RewardLoopWorker(config)  # as verl's RewardLoopManager builds it (no ray)
-            return await worker.compute_score_batch(make_data(tokenizer, samples))
-
-        outputs = asyncio.run(run())
+        # n from the rollout config, as docs/trainers.md writes it: checked against the service
+        config = reward_loop_config(reward_file.parent / "tok", reward_file,
+                                    {"url": hero.url, "n": "${actor_rollout_ref.rollout.n}"},
+                                    rollout_n=n)
+        outputs = run_reward_loop(config, make_data(tokenizer, samples))
 
         assert len(outputs) == len(samples)
         infos = [o["reward_extra_info"] for o in outputs]
@@ -176,3 +219,11 @@ def test_verl_reward_loop_worker_assembles_groups_through_the_service(dev_rows, 
                 own_sigma.append(sigma_ref == pytest.approx(direct.sigma))
         # a fresh service: the first group scored is weighted with its own sigma (no sigma-bar yet)
         assert any(own_sigma)
+
+        # the rollout samples 8 per prompt, the service waits for 4: refused, not mis-grouped
+        assert check_service(hero.url, n=n).group_size == n
+        config = reward_loop_config(reward_file.parent / "tok", reward_file,
+                                    {"url": hero.url, "n": "${actor_rollout_ref.rollout.n}"},
+                                    rollout_n=8)
+        with pytest.raises(ValueError, match="assembles groups of 4.*--group-size 8"):
+            run_reward_loop(config, make_data(tokenizer, samples[:2]))

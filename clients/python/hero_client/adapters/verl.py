@@ -16,6 +16,14 @@ and the service assembles the group across requests: start it with ``--group-siz
     reward.custom_reward_function.path=/path/to/hero_verl.py
     reward.custom_reward_function.name=compute_score
     +reward.custom_reward_function.reward_kwargs.url=http://hero:8000
+    +reward.custom_reward_function.reward_kwargs.n='${actor_rollout_ref.rollout.n}'
+
+A service without ``--group-size`` would score every sample as a group of one: the RM's
+signal normalised away, sigma 0, silently. So the first call for a service checks its
+``/v1/info`` (once per process and URL) and **raises** ``ValueError`` saying "start it with
+--group-size N" when it assembles no groups, or groups of another size than ``n`` (the
+``reward_kwargs.n`` above; without it only a missing group size is caught).
+:func:`check_service` makes the same check before a run.
 
 **verl's BatchRewardManager** (``verl/workers/reward_manager/batch.py``; the trainer's
 ``reward_model.reward_manager=batch`` before the reward loop, still shipped in 0.9) calls the
@@ -62,8 +70,10 @@ import weakref
 from typing import Any, Literal, Mapping, Optional, Sequence
 
 from .._client import DEFAULT_URL, AsyncHeroClient, HeroClient, ParamsLike
+from .._errors import HeroConnectionError
+from .._retry import RetryPolicy
 from .._sigma import RunningSigma
-from ..schema import Group, Mode, VerifierName
+from ..schema import Group, InfoResponse, Mode, VerifierName
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +85,10 @@ _clients: dict[tuple[str, Optional[str]], HeroClient] = {}
 _async_clients: dict[tuple[str, Optional[str], int],
                      tuple["weakref.ref[asyncio.AbstractEventLoop]", AsyncHeroClient]] = {}
 _warned: set[str] = set()
+# Services that passed check_service, per (base URL, rollout n): checked once per process.
+_checked: set[tuple[str, Optional[int]]] = set()
+# One check at a time per event loop, so a batch's concurrent first calls make one request.
+_check_locks: dict[int, tuple["weakref.ref[asyncio.AbstractEventLoop]", asyncio.Lock]] = {}
 
 
 def _settings(url: Optional[str], api_key: Optional[str]) -> tuple[str, Optional[str]]:
@@ -110,10 +124,92 @@ def _async_client_for(url: Optional[str], api_key: Optional[str],
         return entry[1]
 
 
-def _warn_once(message: str) -> None:
+def _warn_once(message: str, level: int = logging.WARNING) -> None:
     if message not in _warned:
         _warned.add(message)
-        logger.warning(message)
+        logger.log(level, message)
+
+
+def _rollout_n(n: Any) -> Optional[int]:
+    if n is None:
+        return None
+    try:
+        value = int(n)  # a resolved hydra interpolation may arrive as a string
+    except (TypeError, ValueError):
+        raise ValueError(f"n (reward_kwargs.n, the rollout's samples per prompt) must be an "
+                         f"integer, got {n!r}") from None
+    if value < 1:
+        raise ValueError(f"n (reward_kwargs.n) must be >= 1, got {value}")
+    return value
+
+
+def group_size_problem(info: InfoResponse, n: Optional[int], base: str) -> Optional[str]:
+    """Why the service's group assembly does not fit verl's per-sample reward loop (None: fits).
+    ``n``: the rollout's samples per prompt if known."""
+    want = f"--group-size {n}" if n is not None else \
+        "--group-size N (N = actor_rollout_ref.rollout.n)"
+    if n == 1:  # one sample per prompt: nothing to assemble, but nothing may wait for more
+        if info.group_size not in (None, 1):
+            return (f"the service at {base} waits for groups of {info.group_size}, but the rollout "
+                    f"samples 1 per prompt: every sample would wait for the group timeout; start "
+                    f"it without --group-size")
+        return None
+    if not info.group_size:
+        return (f"the service at {base} scores each /get_reward request alone (it was started "
+                f"without --group-size), but verl's reward loop sends one sample per call: each "
+                f"sample would be a group of one, its RM signal normalised away and sigma 0: "
+                f"start it with {want}")
+    if n is not None and info.group_size != n:
+        return (f"the service at {base} assembles groups of {info.group_size}, but the rollout "
+                f"samples {n} per prompt (reward_kwargs.n): start it with --group-size {n}")
+    return None
+
+
+def check_service(url: Optional[str] = None, n: Optional[int] = None, *,
+                  api_key: Optional[str] = None, timeout: float = 10.0) -> InfoResponse:
+    """Check that verl's per-sample reward loop can use the service at ``url``
+    (:func:`compute_score`): it answers, and it assembles groups across requests — of ``n``
+    (``actor_rollout_ref.rollout.n``) samples if given. Returns the service's info; raises
+    ``ValueError`` saying what to change otherwise. The batch path (:func:`compute_score_batch`)
+    sends whole groups and needs no group size."""
+    base, key = _settings(url, api_key)
+    n = _rollout_n(n)
+    try:
+        with HeroClient(base, api_key=key, timeout=timeout,
+                        retry=RetryPolicy(max_attempts=2)) as client:
+            info = client.info()
+    except HeroConnectionError as exc:
+        raise ValueError(f"no hero-rewards service answers at {base}: {exc}") from exc
+    problem = group_size_problem(info, n, base)
+    if problem is not None:
+        raise ValueError(problem)
+    return info
+
+
+def _check_lock() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    with _lock:
+        entry = _check_locks.get(id(loop))
+        if entry is None or entry[0]() is not loop:
+            entry = (weakref.ref(loop), asyncio.Lock())
+            _check_locks[id(loop)] = entry
+        return entry[1]
+
+
+async def _ensure_groups_assemble(client: AsyncHeroClient, base: str, n: Optional[int]) -> None:
+    """check_service for compute_score, on first use per (URL, n); a refusal is not cached,
+    so a service restarted with the right --group-size is accepted."""
+    slot = (base, n)
+    if slot in _checked:
+        return
+    async with _check_lock():
+        if slot in _checked:  # another sample of the batch checked while this one waited
+            return
+        problem = group_size_problem(await client.info(), n, base)
+        if problem is not None:
+            logger.error("hero verl adapter: %s", problem)
+            raise ValueError(problem)
+        _checked.add(slot)
 
 
 def prompt_of(extra_info: Optional[Mapping[str, Any]]) -> Any:
@@ -224,12 +320,18 @@ async def compute_score(
     *,
     url: Optional[str] = None,
     api_key: Optional[str] = None,
+    n: Any = None,
     timeout: float = 300.0,
     **_: Any,
 ) -> dict[str, float]:
     """verl reward-loop reward function (one sample a call). Needs a service started with
-    ``--group-size`` = ``actor_rollout_ref.rollout.n``: the call returns when the sample's group
+    ``--group-size`` = ``actor_rollout_ref.rollout.n`` (``n``, from ``reward_kwargs``; checked
+    on first use, ``ValueError`` if it does not fit): the call returns when the sample's group
     is complete (or the service's ``--group-timeout-s`` passed: ``hero_partial`` = 1)."""
+    rollout_n = _rollout_n(n)
+    client = _async_client_for(url, api_key, timeout)
+    base = _settings(url, api_key)[0]
+    await _ensure_groups_assemble(client, base, rollout_n)
     prompt = prompt_of(extra_info)
     group_key(data_source, ground_truth, extra_info)  # warns once if nothing identifies the prompt
     # /get_reward groups by (prompt, label). The prompt string carries the prompt text when the
@@ -246,7 +348,6 @@ async def compute_score(
     if prompt is None and has_id:
         _warn_once("hero verl adapter: extra_info has an id but no 'question'/'prompt'; the RM "
                    "scores responses without their prompt")
-    client = _async_client_for(url, api_key, timeout)
     response = await client.get_reward([solution_str], prompts=[prompt_text],
                                        labels=[_reference(ground_truth)])
     logs = response.extra_logs
@@ -257,6 +358,11 @@ async def compute_score(
             value = value[0] if value else None
         return float(value) if value is not None else 0.0
 
+    if first("partial"):
+        _warn_once(f"hero verl adapter: {base} scored an incomplete group after its "
+                   "--group-timeout-s (flagged hero_partial): a group size above the rollout's n, "
+                   "or samples of a group reaching the reward loop too far apart?",
+                   logging.ERROR)
     return {
         "score": float(response.rewards[0]),
         "hero_verified": first("verified"),
