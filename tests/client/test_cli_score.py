@@ -127,7 +127,7 @@ def test_score_cli_resume_appends_only_missing_groups(server, dev_rows, tmp_path
     assert [r["batch"] for r in results] == [i // 5 for i in range(50)]
     assert json.loads(second.stdout)["groups"] == 50  # the summary covers the whole file
 
-    # nothing to do: a third run sends nothing and changes nothing
+    # nothing to do: a third run scores nothing and changes nothing
     before = resumed.read_bytes()
     third = run_score(full_in, "-o", resumed, *common)
     assert third.returncode == 0 and resumed.read_bytes() == before
