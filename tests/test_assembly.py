@@ -10,7 +10,7 @@ import pytest
 
 from hero_client.schema import GroupResult
 from hero_service.assembly import GroupAssembler, ScoredGroup
-from hero_service.errors import Overloaded
+from hero_service.errors import Overloaded, TooManyRollouts
 from support import running_server
 
 
@@ -69,6 +69,27 @@ def test_waiting_rollouts_are_bounded():
         return await asyncio.gather(*assembler.add("q", None, ["d"]))
 
     assert len(asyncio.run(go())) == 1
+
+
+def test_a_piece_larger_than_the_bound_is_413_not_429():
+    calls: list[list[str]] = []
+
+    async def score(prompt, label, responses):
+        calls.append(list(responses))
+        return ScoredGroup(fake_result(responses), None)
+
+    async def go():
+        assembler = GroupAssembler(group_size=2, timeout_s=5, max_waiting=4, score=score)
+        with pytest.raises(TooManyRollouts) as info:
+            assembler.add("p", None, ["a", "b", "c", "d", "e"])  # even an idle server refuses
+        assert assembler.waiting == 0 and not calls  # nothing half-applied
+        fits = await asyncio.gather(*assembler.add("p", None, ["a", "b", "c", "d"]))
+        return info.value, fits
+
+    error, fits = asyncio.run(go())
+    assert error.status == 413 and error.code == "too_many_rollouts" and error.field == "query"
+    assert "5 rollouts" in error.message and "limit is 4" in error.message
+    assert len(fits) == 4 and calls == [["a", "b"], ["c", "d"]]
 
 
 def test_scoring_errors_reach_every_waiting_caller():

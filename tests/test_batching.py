@@ -1,5 +1,6 @@
 """The cross-request batcher: token budget, sharing across requests, ordering, dedupe, the
-bounded queue, and OOM splitting (fault injection)."""
+bounded queue, OOM splitting (fault injection), and a backend that is down: no splitting, the
+circuit breaker."""
 
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ import pytest
 import torch
 
 from hero_service.batching import Batcher, _Pending, pack_batches
-from hero_service.errors import Overloaded
+from hero_service.errors import Overloaded, TooManyRollouts
 from hero_service.metrics import Metrics
 from hero_service.reward_models import Encoded, RewardModel, RewardModelError, ScoringItem
+from hero_service.reward_models.base import RewardModelUnavailable
 
 
 class RecordingModel(RewardModel):
     """A deterministic backend (score = a function of the text) that records every batch, can be
-    slowed down, and can raise CUDA-style OOM above a batch size."""
+    slowed down, can raise CUDA-style OOM above a batch size, and can be down as a whole (as the
+    remote backend reports a timeout). ``calls`` counts every forward, failed ones included."""
 
     model_id = "recording"
     max_tokens = 10_000
@@ -32,6 +35,8 @@ class RecordingModel(RewardModel):
         self.fail_on = fail_on
         self.gate = threading.Event()
         self.gate.set()
+        self.down = False
+        self.calls = 0
 
     def encode(self, items: Sequence[ScoringItem]) -> list[Encoded]:
         return [Encoded(key=(item.prompt, item.response), n_tokens=len(item.response.split()),
@@ -39,6 +44,10 @@ class RecordingModel(RewardModel):
 
     def forward(self, batch: Sequence[Encoded]) -> list[float]:
         self.gate.wait(10)
+        self.calls += 1
+        if self.down:
+            raise RewardModelUnavailable("remote reward model at http://rm/classify timed out "
+                                         "after 2s")
         if self.oom_above is not None and len(batch) > self.oom_above:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if self.fail_on is not None and any(e.payload == self.fail_on for e in batch):
@@ -242,3 +251,194 @@ def test_real_model_scores_match_unbatched_scores(dev_rows):
         alone = [model.forward(model.encode([ScoringItem(row["prompt"], x, row["reference"])]))[0]
                  for x in row["responses"]]
         assert [s.score for s in scored] == pytest.approx(alone, abs=1e-5)
+
+
+def test_full_queue_is_429_but_a_request_larger_than_the_queue_is_413():
+    model = RecordingModel()
+    batcher = make_batcher(model, max_queued=5, max_wait_ms=0)
+
+    async def go():
+        with pytest.raises(TooManyRollouts) as info:
+            batcher.submit(model.encode(items([f"r{i}" for i in range(6)])))
+        assert batcher.outstanding == 0
+        # Identical items count once: six copies of one rollout fit.
+        return await batcher.score(model.encode(items(["same"] * 6))), info.value
+
+    try:
+        scored, error = asyncio.run(go())
+    finally:
+        batcher.stop()
+    assert error.status == 413 and error.code == "too_many_rollouts" and error.field == "groups"
+    assert "6 rollouts" in error.message and "limit is 5" in error.message
+    assert len(scored) == 6
+
+
+def test_backend_down_fails_the_whole_batch_with_one_call_not_a_bisection():
+    model = RecordingModel()
+    model.down = True
+    metrics = Metrics()
+    batcher = make_batcher(model, max_batch_tokens=4096, max_wait_ms=0, metrics=metrics)
+    texts = [f"answer number {i}" for i in range(64)]
+
+    async def go():
+        return await asyncio.gather(*(asyncio.shield(f) for f in
+                                      batcher.submit(model.encode(items(texts)))),
+                                    return_exceptions=True)
+
+    try:
+        outcomes = asyncio.run(go())
+    finally:
+        batcher.stop()
+    assert all(isinstance(o, RewardModelUnavailable) for o in outcomes)
+    assert "timed out after 2s" in str(outcomes[0])
+    assert model.calls == 1  # bisecting 64 items would have been 127 calls
+    assert metrics.failure_splits._value.get() == 0
+    assert metrics.rm_unavailable_batches._value.get() == 1
+    assert outcomes[0].retry_after_s >= 1  # the breaker opened: come back after its cool-down
+
+
+def test_open_breaker_fails_the_rest_of_a_round_without_calls():
+    model = RecordingModel()
+    model.down = True
+    batcher = make_batcher(model, max_batch_tokens=8, max_wait_ms=0)  # several batches a round
+    texts = [text(4, f"t{i}") for i in range(12)]
+
+    async def go():
+        return await asyncio.gather(*(asyncio.shield(f) for f in
+                                      batcher.submit(model.encode(items(texts)))),
+                                    return_exceptions=True)
+
+    try:
+        outcomes = asyncio.run(go())
+    finally:
+        batcher.stop()
+    assert all(isinstance(o, RewardModelUnavailable) for o in outcomes)
+    assert model.calls == 1
+    assert sum("circuit breaker open" in str(o) for o in outcomes) == 10  # 6 batches of 2
+
+
+def gauge(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels or None)
+    assert value is not None, name
+    return value
+
+
+def test_breaker_refuses_fast_while_open_then_one_probe_closes_it():
+    model = RecordingModel()
+    metrics = Metrics()
+    batcher = make_batcher(model, max_wait_ms=0, metrics=metrics, breaker_cooldown_s=0.5)
+
+    async def go():
+        model.down = True
+        model.gate.clear()  # hold the failing call so a second request queues behind it
+        first = asyncio.ensure_future(batcher.score(model.encode(items(["first"]))))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(batcher.score(model.encode(items(["queued"]))))
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        first_error, queued_error = await asyncio.gather(first, queued, return_exceptions=True)
+        assert model.calls == 1  # the queued request failed without a call
+        assert isinstance(queued_error, RewardModelUnavailable)
+        assert "circuit breaker open" in str(queued_error)
+        assert "timed out after 2s" in str(queued_error)  # the cause is still told
+        assert gauge(metrics, "hero_rm_breaker_state") == 2
+
+        started = time.perf_counter()
+        with pytest.raises(RewardModelUnavailable) as refused:
+            batcher.raise_if_unavailable()  # the pipeline's early check
+        with pytest.raises(RewardModelUnavailable):
+            batcher.submit(model.encode(items(["refused at submit"])))
+        assert time.perf_counter() - started < 0.1 and model.calls == 1
+        assert refused.value.retry_after_s == 1  # ceil of the 0.5 s cool-down left
+
+        await asyncio.sleep(0.6)  # cool-down over; the backend is back
+        model.down = False
+        model.gate.clear()  # hold the probe to show that others are refused meanwhile
+        probe = asyncio.ensure_future(batcher.score(model.encode(items(["probe"]))))
+        await asyncio.sleep(0.05)
+        assert batcher.breaker.state == "half_open"
+        assert gauge(metrics, "hero_rm_breaker_state") == 1
+        with pytest.raises(RewardModelUnavailable, match="half_open"):
+            batcher.submit(model.encode(items(["while probing"])))
+        model.gate.set()
+        probed = await probe
+        after = await batcher.score(model.encode(items(["after"])))
+        return first_error, probed, after
+
+    try:
+        first_error, probed, after = asyncio.run(go())
+    finally:
+        batcher.stop()
+    assert isinstance(first_error, RewardModelUnavailable)
+    assert probed[0].score == expected("probe") and after[0].score == expected("after")
+    assert batcher.breaker.state == "closed"
+    assert gauge(metrics, "hero_rm_breaker_state") == 0
+    for to in ("open", "half_open", "closed"):
+        assert gauge(metrics, "hero_rm_breaker_transitions_total", to=to) == 1
+
+
+def test_a_failed_probe_reopens_the_breaker():
+    model = RecordingModel()
+    model.down = True
+    batcher = make_batcher(model, max_wait_ms=0, breaker_cooldown_s=0.2)
+
+    async def go():
+        outcomes = []
+        for attempt in ("a", "b"):
+            outcomes += await asyncio.gather(batcher.score(model.encode(items([attempt]))),
+                                             return_exceptions=True)
+            await asyncio.sleep(0.3)
+        return outcomes
+
+    try:
+        outcomes = asyncio.run(go())
+    finally:
+        batcher.stop()
+    assert all(isinstance(o, RewardModelUnavailable) for o in outcomes)
+    assert model.calls == 2  # the first failure, then the probe
+    assert batcher.breaker.state == "open"
+
+
+def test_input_specific_failures_still_bisect_and_leave_the_breaker_closed():
+    model = RecordingModel(fail_on="poison")
+    metrics = Metrics()
+    batcher = make_batcher(model, max_batch_tokens=4096, max_wait_ms=0, metrics=metrics)
+    texts = [f"fine {i}" for i in range(7)] + ["poison"]
+
+    async def go():
+        return await asyncio.gather(*(asyncio.shield(f) for f in
+                                      batcher.submit(model.encode(items(texts)))),
+                                    return_exceptions=True)
+
+    try:
+        outcomes = asyncio.run(go())
+    finally:
+        batcher.stop()
+    assert [o.score for o in outcomes[:7]] == [expected(t) for t in texts[:7]]
+    assert isinstance(outcomes[7], RewardModelError)
+    assert not isinstance(outcomes[7], RewardModelUnavailable)
+    assert metrics.failure_splits._value.get() == 3  # 8 -> 4 -> 2 -> 1
+    assert batcher.breaker.state == "closed"
+
+
+def test_a_caller_whose_event_loop_closed_does_not_kill_the_inference_thread():
+    model = RecordingModel()
+    batcher = make_batcher(model, max_wait_ms=0)
+
+    async def leave_early():
+        # Submit, then return (closing this loop) before the held model answers.
+        model.gate.clear()
+        batcher.submit(model.encode(items(["left behind", "also left"])))
+
+    async def later():
+        return await asyncio.wait_for(batcher.score(model.encode(items(["left behind", "new"]))),
+                                      timeout=10)
+
+    try:
+        asyncio.run(leave_early())
+        model.gate.set()  # results now go to a closed loop
+        time.sleep(0.2)
+        scored = asyncio.run(later())
+    finally:
+        batcher.stop()
+    assert [s.score for s in scored] == [expected("left behind"), expected("new")]

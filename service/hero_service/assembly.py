@@ -4,7 +4,10 @@ HERO needs the whole group, but some trainers send it in pieces: OpenRLHF posts 
 ``/get_reward`` request, and a multi-process TRL run splits a group across processes. Responses
 for the same (prompt, reference) wait here until N have arrived; the group is scored once and each
 waiting caller gets its own response's result. After ``timeout_s`` a partial group is scored and
-flagged. The number of waiting rollouts is bounded like the queue (429 beyond it)."""
+flagged. The number of waiting rollouts is bounded (``max_waiting``, the server's
+``--max-queued-rollouts``): a piece that would fit but finds the bound reached gets 429
+``overloaded`` (retry later); a piece larger than the bound itself can never fit and gets a final
+413 ``too_many_rollouts``."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Awaitable, Callable, Hashable, Optional
 
 from hero_client.schema import GroupResult
 
-from .errors import Overloaded
+from .errors import Overloaded, TooManyRollouts
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,10 @@ class GroupAssembler:
             responses: list[str]) -> list[asyncio.Future[AssembledResult]]:
         """Place responses into the open group for (prompt, reference); full groups are scored
         at once. Must be called on the event loop."""
+        if len(responses) > self.max_waiting:
+            raise TooManyRollouts(len(responses), self.max_waiting,
+                                  "--max-queued-rollouts, rollouts waiting for their groups",
+                                  field="query")
         if self._waiting + len(responses) > self.max_waiting:
             raise Overloaded(
                 f"{self._waiting} rollouts waiting for their groups (limit {self.max_waiting})")

@@ -3,11 +3,24 @@ futures back to the requests (the queue → batching task → backend flow of TE
 
 Items from all concurrent requests wait in one queue. The inference thread waits up to
 ``max_wait_ms`` for a batch to fill while items are known to be on their way (announced by
-requests still tokenizing; an idle model starts at once), sorts what it took by length (to cut padding), packs it into
-batches whose *padded* size stays within ``max_batch_tokens``, runs them, and resolves each item's
-future on the event loop. Identical inputs in flight are scored once. A failing batch
-(CUDA out-of-memory, or an input that breaks the model) is split in half and retried, so only the
-items that cannot be scored fail, and only their requests get an error."""
+requests still tokenizing; an idle model starts at once), sorts what it took by length (to cut
+padding), packs it into batches whose *padded* size stays within ``max_batch_tokens``, runs them,
+and resolves each item's future on the event loop. Identical inputs in flight are scored once.
+
+Failure semantics:
+
+- A failure that can be input-specific (CUDA/CPU out of memory, an input that breaks the model:
+  :class:`RewardModelError`) is bisected: the batch is split in half and retried, so only the
+  items that cannot be scored fail, and only their requests get an error (503
+  ``scoring_failed``).
+- A failure of the backend as a whole (a timeout, an unreachable remote, a 5xx:
+  :class:`RewardModelUnavailable`) fails the whole batch at once — splitting would repeat the
+  call 2n-1 times against a backend that is down — and counts towards a circuit breaker
+  (``breaker.py``). While it is open no batch reaches the backend: new work is refused at
+  :meth:`Batcher.submit` and queued work fails without a call, all with a retry-after (503
+  ``reward_model_unavailable`` + ``Retry-After``); after the cool-down one probe is let through.
+- Bounds: a request whose rollouts alone exceed ``max_queued`` can never fit (413
+  ``too_many_rollouts``); one that would fit but finds the queue full gets 429 ``overloaded``."""
 
 from __future__ import annotations
 
@@ -18,11 +31,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
-from .errors import Overloaded
+from .breaker import DEFAULT_COOLDOWN_S, DEFAULT_FAILURE_THRESHOLD, STATE_VALUES, CircuitBreaker
+from .errors import Overloaded, TooManyRollouts
 from .metrics import Metrics
 from .reward_models import Encoded, RewardModel, RewardModelError
+from .reward_models.base import RewardModelUnavailable
 from .reward_models._torch_utils import is_out_of_memory, release_cached_memory
 
 log = logging.getLogger(__name__)
@@ -30,6 +45,8 @@ log = logging.getLogger(__name__)
 # One round takes at most this many budgets' worth of tokens, so an item that arrives during a
 # long round waits for a bounded amount of work, not for the whole backlog.
 ROUND_BUDGETS = 8
+# The longest Retry-After passed on from a remote RM's own answer.
+MAX_RETRY_AFTER_S = 60
 
 
 @dataclass(frozen=True)
@@ -72,6 +89,8 @@ class Batcher:
         max_wait_ms: float,
         max_queued: int,
         metrics: Metrics,
+        breaker_failures: int = DEFAULT_FAILURE_THRESHOLD,
+        breaker_cooldown_s: float = DEFAULT_COOLDOWN_S,
     ) -> None:
         self.model = model
         self.max_batch_tokens = max_batch_tokens
@@ -85,6 +104,13 @@ class Batcher:
         self._inflight: dict[Hashable, asyncio.Future[ScoredItem]] = {}  # event-loop thread only
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="hero-inference", daemon=True)
+        self.breaker = CircuitBreaker(breaker_failures, breaker_cooldown_s,
+                                      on_transition=self._breaker_moved)
+        metrics.rm_breaker_state.set(STATE_VALUES["closed"])
+
+    def _breaker_moved(self, _was: str, to: str) -> None:
+        self.metrics.rm_breaker_state.set(STATE_VALUES[to])  # type: ignore[index]
+        self.metrics.rm_breaker_transitions.labels(to).inc()
 
     # -- event-loop side -------------------------------------------------------------------
 
@@ -107,14 +133,25 @@ class Batcher:
             self._announced = max(0, self._announced - n)
             self._cond.notify()
 
+    def raise_if_unavailable(self) -> None:
+        """Raise :class:`RewardModelUnavailable` if the breaker would refuse RM work now (a cheap
+        check before a request does any work; claims no probe)."""
+        wait = self.breaker.refusal()
+        if wait is not None:
+            raise self._refused(wait)
+
     def submit(self, encoded: Sequence[Encoded]) -> list[asyncio.Future[ScoredItem]]:
-        """Enqueue items (sharing futures with identical items already in flight) or raise
-        Overloaded without enqueuing any of them. Must be called on the event loop."""
+        """Enqueue items (sharing futures with identical items already in flight), or enqueue none
+        of them and raise: TooManyRollouts (more than the queue can ever hold), Overloaded (the
+        queue is full now), RewardModelUnavailable (the breaker is open). Must be called on the
+        event loop."""
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[ScoredItem]] = []
         fresh: dict[Hashable, _Pending] = {}
         for item in encoded:
             future = self._inflight.get(item.key)
+            if future is not None and future.get_loop() is not loop:
+                future = None  # left by a loop that closed before its result came (see _post)
             if future is None:
                 pending = fresh.get(item.key)
                 if pending is None:
@@ -123,10 +160,17 @@ class Batcher:
                 future = pending.future
             futures.append(future)
         self.metrics.deduplicated_rollouts.inc(len(encoded) - len(fresh))
+        if len(fresh) > self.max_queued:
+            raise TooManyRollouts(len(fresh), self.max_queued, "--max-queued-rollouts")
         with self._cond:
             if self._outstanding + len(fresh) > self.max_queued:
                 raise Overloaded(
                     f"reward model queue full ({self._outstanding} of {self.max_queued} rollouts)")
+            # Last check before enqueuing: a request admitted as the breaker's probe is queued
+            # below without fail, so the probe always runs and reports.
+            wait = self.breaker.admit() if fresh else None
+            if wait is not None:
+                raise self._refused(wait)
             now = time.perf_counter()
             for key, pending in fresh.items():
                 pending.enqueued_at = now
@@ -193,18 +237,31 @@ class Batcher:
         started = time.perf_counter()
         for p, outcome in zip(batch, self._score_isolating(batch)):
             if isinstance(outcome, BaseException):
-                p.loop.call_soon_threadsafe(_resolve_error, p.future, outcome)
+                _post(p, _resolve_error, outcome)
             else:
-                result = ScoredItem(score=outcome, queue_ms=(started - p.enqueued_at) * 1000.0)
-                p.loop.call_soon_threadsafe(_resolve, p.future, result)
+                _post(p, _resolve, ScoredItem(score=outcome,
+                                              queue_ms=(started - p.enqueued_at) * 1000.0))
 
     def _score_isolating(self, batch: list[_Pending]) -> list[float | RewardModelError]:
-        """Scores, or the error for the items that cannot be scored. A failing batch is split in
-        half and retried, so an out-of-memory batch still gets scored in smaller pieces and an
-        input that breaks the model fails alone, not the other requests batched with it."""
+        """Scores, or the error for the items that cannot be scored. A batch failing in a way
+        that can be input-specific is split in half and retried, so an out-of-memory batch still
+        gets scored in smaller pieces and an input that breaks the model fails alone, not the
+        other requests batched with it. A backend that is down fails the whole batch at once."""
+        if not self.breaker.may_run():
+            # Opened by an earlier batch of this round (or of a bisection): no call.
+            return [self._refused(self.breaker.retry_after_s())] * len(batch)
         try:
-            return list(self._forward(batch))
+            scores = list(self._forward(batch))
+        except RewardModelUnavailable as exc:
+            self.metrics.rm_unavailable_batches.inc()
+            self.breaker.record_failure(str(exc))
+            log.error("reward model unavailable; failing a batch of %d without splitting: %s",
+                      len(batch), exc)
+            exc.retry_after_s = min(MAX_RETRY_AFTER_S,
+                                    max(exc.retry_after_s or 0, self.breaker.retry_after_s()))
+            return [exc] * len(batch)
         except Exception as exc:  # noqa: BLE001 - isolated below, reported per item
+            self.breaker.record_success()  # the backend answered; the failure is about inputs
             if len(batch) == 1:
                 if is_out_of_memory(exc):
                     release_cached_memory()
@@ -222,6 +279,13 @@ class Batcher:
                             "the input", len(batch), type(exc).__name__, exc)
             half = len(batch) // 2
             return self._score_isolating(batch[:half]) + self._score_isolating(batch[half:])
+        self.breaker.record_success()
+        return scores
+
+    def _refused(self, retry_after_s: int) -> RewardModelUnavailable:
+        return RewardModelUnavailable(
+            f"reward model unavailable (circuit breaker {self.breaker.state}; last failure: "
+            f"{self.breaker.last_cause or 'unknown'}); retry in {retry_after_s}s", retry_after_s)
 
     def _forward(self, batch: list[_Pending]) -> list[float]:
         lengths = [p.encoded.n_tokens for p in batch]
@@ -237,6 +301,16 @@ class Batcher:
         if not all(math.isfinite(s) for s in scores):
             raise RewardModelError("reward model returned a non-finite score (NaN or inf)")
         return scores
+
+
+def _post(p: _Pending, resolve: Callable[[asyncio.Future[ScoredItem], Any], None],
+          outcome: object) -> None:
+    try:
+        p.loop.call_soon_threadsafe(resolve, p.future, outcome)
+    except RuntimeError:
+        # The caller's event loop has closed: nobody waits for this item. The inference thread
+        # must survive it, or every later request would wait forever.
+        log.warning("dropped a result for an event loop that is closed")
 
 
 def _resolve(future: asyncio.Future[ScoredItem], result: ScoredItem) -> None:

@@ -1,4 +1,8 @@
-"""Service errors, each mapped to one HTTP status and JSON error code by ``http.errors``."""
+"""Service errors, each mapped to one HTTP status and JSON error code by ``http.errors``.
+
+Which to retry: 429 ``overloaded`` (the queue is full right now) and 503 ``not_ready`` /
+``reward_model_unavailable`` (come back after ``Retry-After``) pass on a later try; 413
+``too_many_rollouts`` and 422 never will, so clients must not retry them."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from __future__ import annotations
 class ServiceError(Exception):
     status = 500
     code = "internal_error"
+    retry_after_s: int | None = None  # sent as Retry-After when set
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
@@ -37,10 +42,37 @@ class NotReady(ServiceError):
 
 
 class ScoringFailed(ServiceError):
-    """The reward model failed for this request (the service itself keeps serving)."""
+    """The reward model failed on this request's inputs (the service itself keeps serving)."""
 
     status = 503
     code = "scoring_failed"
+
+
+class ScoringUnavailable(ServiceError):
+    """The reward model is down as a whole (timeout, unreachable, 5xx) or its circuit breaker is
+    open: nothing about this request is wrong, so it should come back after ``retry_after_s``."""
+
+    status = 503
+    code = "reward_model_unavailable"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TooManyRollouts(ServiceError):
+    """One request (or one assembled piece) holds more rollouts than the server's bound: no
+    retry can pass, unlike the 429 of a queue that is merely full. The client must split it."""
+
+    status = 413
+    code = "too_many_rollouts"
+
+    def __init__(self, rollouts: int, limit: int, bound: str, field: str = "groups") -> None:
+        super().__init__(
+            f"{rollouts} rollouts in one request; the limit is {limit} ({bound}): send at most "
+            f"{limit} per request", field)
+        self.rollouts = rollouts
+        self.limit = limit
 
 
 class Unauthorized(ServiceError):

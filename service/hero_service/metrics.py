@@ -55,6 +55,15 @@ class Metrics:
         self.failure_splits = Counter(
             "hero_batch_failure_splits", "batches split in half to isolate an input that failed",
             registry=r)
+        self.rm_breaker_state = Gauge(
+            "hero_rm_breaker_state", "reward-model circuit breaker: 0 closed, 1 half-open "
+            "(probing), 2 open (RM work refused with 503)", registry=r)
+        self.rm_breaker_transitions = Counter(
+            "hero_rm_breaker_transitions", "reward-model circuit breaker state changes",
+            ["to"], registry=r)
+        self.rm_unavailable_batches = Counter(
+            "hero_rm_unavailable_batches", "RM batches failed whole (timeout, unreachable, 5xx), "
+            "not split", registry=r)
         self.deduplicated_rollouts = Counter(
             "hero_deduplicated_rollouts", "rollouts that shared an identical in-flight RM input",
             registry=r)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -15,9 +16,10 @@ from hero_client.schema import Group, GroupResult, RewardsRequest, RewardsRespon
 from . import hero, special_tokens
 from .batching import Batcher
 from .config import Settings
-from .errors import InputError, Overloaded, ScoringFailed
+from .errors import InputError, Overloaded, ScoringFailed, ScoringUnavailable, TooManyRollouts
 from .metrics import Metrics
 from .reward_models import RewardModel, RewardModelError, ScoringItem
+from .reward_models.base import RewardModelUnavailable
 from .verifiers import Verdict, Verifier
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,11 @@ class _RMResult:
     scores: list[float]
     truncated: list[bool]
     queue_ms: float
+
+
+def _unavailable(exc: RewardModelUnavailable) -> ScoringUnavailable:
+    """503 + Retry-After: the RM is down as a whole, nothing is wrong with the request."""
+    return ScoringUnavailable(str(exc), retry_after_s=max(1, math.ceil(exc.retry_after_s or 1)))
 
 
 def _prompt_value(group: Group) -> str | list[dict[str, str]]:
@@ -94,6 +101,8 @@ class Pipeline:
         n_rollouts = sum(len(g.responses) for g in request.groups)
         self._admit(n_rollouts)
         try:
+            if request.mode != "verifier" and any(g.rm_scores is None for g in request.groups):
+                self._refuse_while_reward_model_down()
             verify_task = asyncio.ensure_future(self._verify(verifier, request.groups))
             rm_task = asyncio.ensure_future(self._reward_model_scores(request))
             # Both run to completion even if one fails, so no work is orphaned.
@@ -116,11 +125,24 @@ class Pipeline:
 
     def _admit(self, n: int) -> None:
         limit = self.settings.max_queued_rollouts
-        if self._admitted and self._admitted + n > limit:
+        if n > limit:
+            # Would not fit even on an idle server: a final 413, not a 429 no retry can pass.
+            self.metrics.rejected.labels("too_many_rollouts").inc()
+            raise TooManyRollouts(n, limit, "--max-queued-rollouts")
+        if self._admitted + n > limit:
             self.metrics.rejected.labels("overloaded").inc()
             raise Overloaded(f"{self._admitted} rollouts in flight (limit {limit}); retry later")
         self._admitted += n
         self.metrics.queue_depth.set(self._admitted)
+
+    def _refuse_while_reward_model_down(self) -> None:
+        """503 at once while the RM's circuit breaker is open: no verifying, no queueing, no
+        backend call. Requests that need no RM (rm_scores, mode verifier) never get here."""
+        try:
+            self.batcher.raise_if_unavailable()
+        except RewardModelUnavailable as exc:
+            self.metrics.rejected.labels("reward_model_unavailable").inc()
+            raise _unavailable(exc) from exc
 
     def _release(self, n: int) -> None:
         self._admitted -= n
@@ -175,6 +197,8 @@ class Pipeline:
                 finally:
                     self.batcher.withdraw(len(items))
                 scored = await self.batcher.score(encoded)
+            except RewardModelUnavailable as exc:
+                raise _unavailable(exc) from exc
             except RewardModelError as exc:
                 raise ScoringFailed(str(exc)) from exc
             by_group: dict[int, list[int]] = {}

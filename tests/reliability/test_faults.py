@@ -1,5 +1,6 @@
 """Faults: reward-model exceptions and CUDA OOM (injected through the model seam of a real app
-served by real uvicorn), remote RM down or slow, and verifier workers that keep dying."""
+served by real uvicorn), remote RM down, slow or hung (the circuit breaker), verifier workers that
+keep dying, and a request larger than the queue."""
 
 from __future__ import annotations
 
@@ -102,6 +103,8 @@ def test_remote_rm_down_or_slow_gives_a_clear_error(figures):
         ok = httpx.post(srv.url + "/v1/rewards", timeout=60, json={
             "groups": [{"reference": "1", "responses": ["\\boxed{1}"], "rm_scores": [0.5]}]})
     assert r.status_code == 503 and "unreachable" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "reward_model_unavailable"
+    assert int(r.headers["retry-after"]) >= 1
     assert ok.status_code == 200  # requests that need no RM still work
 
     standin = _standin()
@@ -117,6 +120,134 @@ def test_remote_rm_down_or_slow_gives_a_clear_error(figures):
     assert elapsed < 10
     figures.record("faults", "remote RM down", f"503: {r.json()['error']['code']}, 'unreachable'")
     figures.record("faults", "remote RM slow (5 s, timeout 1 s): answer time (s)", elapsed)
+
+
+def _metric(metrics_text: str, name: str) -> float:
+    return next(float(line.split()[-1]) for line in metrics_text.splitlines()
+                if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+def test_hung_remote_rm_fails_fast_opens_the_breaker_and_recovers(dev_rows, figures):
+    """A remote RM that accepts connections and never answers: one backend call per outage, not a
+    bisection of every batch (127 calls for 64 rollouts, each a whole timeout)."""
+    standin = _standin()
+    rows = dev_rows[:8]
+    request = {"groups": [{"prompt": r["prompt"], "reference": r["reference"],
+                           "responses": r["responses"]} for r in rows]}
+    assert sum(len(g["responses"]) for g in request["groups"]) == 64
+    with standin.StandinServer() as rm:
+        url = f"{rm.url}/classify?model={standin.MODEL_NAME}"
+        with running_server("--reward-model", f"remote:{url}", "--remote-timeout-s", "2",
+                            "--verifier-workers", "1") as srv:
+            health: list[int] = []
+            stop = threading.Event()
+
+            def probe_health() -> None:
+                while not stop.is_set():
+                    health.append(httpx.get(srv.url + "/healthz", timeout=5).status_code)
+                    time.sleep(0.2)
+
+            prober = threading.Thread(target=probe_health)
+            rm.set(mode="hang")
+            prober.start()
+            try:
+                started = time.monotonic()
+                first = httpx.post(srv.url + "/v1/rewards", json=request, timeout=30)
+                first_s = time.monotonic() - started
+                started = time.monotonic()
+                second = httpx.post(srv.url + "/v1/rewards", json=request, timeout=30)
+                second_s = time.monotonic() - started
+                calls_while_down = len([q for q in rm.requests if q["path"] == "/classify"])
+                # While open, requests that need no RM are served as usual.
+                own_scores = httpx.post(srv.url + "/v1/rewards", timeout=30, json={"groups": [
+                    {**g, "rm_scores": [0.0] * len(g["responses"])} for g in request["groups"]]})
+                verifier_only = httpx.post(srv.url + "/v1/rewards", timeout=30,
+                                           json={**request, "mode": "verifier"})
+                metrics_open = httpx.get(srv.url + "/metrics").text
+
+                rm.set(mode="ok")  # the RM comes back
+                recovered_at = None
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    r = httpx.post(srv.url + "/v1/rewards", json=request, timeout=30)
+                    if r.status_code == 200:
+                        recovered_at = time.monotonic()
+                        break
+                    assert r.status_code == 503, r.text
+                    time.sleep(0.25)
+                recovery_s = recovered_at - started if recovered_at else None
+                metrics_after = httpx.get(srv.url + "/metrics").text
+            finally:
+                stop.set()
+                prober.join()
+            log = srv.log()
+
+    assert first.status_code == 503 and first_s < 20, (first.status_code, first_s)
+    error = first.json()["error"]
+    assert error["code"] == "reward_model_unavailable" and "timed out after 2s" in error["message"]
+    assert 1 <= int(first.headers["retry-after"]) <= 60
+    assert second.status_code == 503 and second.json()["error"]["code"] == "reward_model_unavailable"
+    assert "circuit breaker open" in second.json()["error"]["message"]
+    assert second_s < 2  # under the remote timeout: no call, no queueing
+    assert 1 <= int(second.headers["retry-after"]) <= 60
+    assert calls_while_down <= 2, calls_while_down  # a bisection of 64 would be 127
+    assert own_scores.status_code == 200 and verifier_only.status_code == 200
+    assert _metric(metrics_open, "hero_rm_breaker_state") == 2
+    assert _metric(metrics_open, "hero_batch_failure_splits_total") == 0
+    assert health and set(health) == {200}
+    assert recovery_s is not None, "no 200 within 30 s of the RM coming back"
+    assert _metric(metrics_after, "hero_rm_breaker_state") == 0
+    assert "circuit breaker closed -> open" in log and "circuit breaker half_open -> closed" in log
+    figures.record("faults", "hung remote RM (timeout 2 s), 64 rollouts: first 503 after (s)",
+                   first_s)
+    figures.record("faults", "hung remote RM: next request 503 (breaker open) after (s)", second_s)
+    figures.record("faults", "hung remote RM: backend calls for both requests (bisection: 127)",
+                   calls_while_down)
+    figures.record("faults", "RM back: first 200 after (s)", recovery_s)
+
+
+def test_request_larger_than_the_queue_is_413_not_429(dev_rows, figures):
+    """On an idle server the pipeline used to admit it and the batcher to refuse it: a 429 that
+    no retry could ever pass."""
+    def pairs(n: int) -> list[tuple[dict, str]]:
+        # Distinct rollouts (identical ones are scored once, so they would not fill the queue).
+        return [(row, x) for row in dev_rows for x in dict.fromkeys(row["responses"])][:n]
+
+    def rewards(n: int) -> dict:
+        groups: dict[str, dict] = {}
+        for row, x in pairs(n):
+            groups.setdefault(row["prompt"], {"prompt": row["prompt"], "reference": row["reference"],
+                                              "responses": []})["responses"].append(x)
+        return {"groups": list(groups.values())}
+
+    def queries(n: int, one_prompt: bool = False) -> dict:
+        chosen = [(dev_rows[0], x) for x in (dev_rows[0]["responses"] * 3)[:n]] if one_prompt \
+            else pairs(n)
+        return {"query": [row["prompt"] + x for row, x in chosen],
+                "prompts": [row["prompt"] for row, _ in chosen],
+                "labels": [row["reference"] for row, _ in chosen]}
+
+    with running_server("--max-queued-rollouts", "16", "--verifier-workers", "1") as srv:
+        too_many = httpx.post(srv.url + "/v1/rewards", json=rewards(17), timeout=120)
+        fits = httpx.post(srv.url + "/v1/rewards", json=rewards(16), timeout=120)
+        get_reward = httpx.post(srv.url + "/get_reward", json=queries(17), timeout=120)
+    with running_server("--max-queued-rollouts", "16", "--group-size", "8",
+                        "--verifier-workers", "1") as srv:
+        # One prompt: a single piece of 17 for the assembler (its bound counts every rollout).
+        assembled = httpx.post(srv.url + "/get_reward", json=queries(17, one_prompt=True),
+                               timeout=120)
+
+    for r in (too_many, get_reward, assembled):
+        assert r.status_code == 413, r.text
+        error = r.json()["error"]
+        assert error["code"] == "too_many_rollouts"
+        assert "17 rollouts" in error["message"] and "limit is 16" in error["message"]
+        assert "retry-after" not in r.headers
+    assert too_many.json()["error"]["field"] == "groups"
+    assert assembled.json()["error"]["field"] == "query"
+    assert fits.status_code == 200, fits.text
+    figures.record("limits", "17 rollouts against --max-queued-rollouts 16",
+                   "413 too_many_rollouts (/v1/rewards, /get_reward, assembled)")
 
 
 def _kill_pool_workers(stop: threading.Event, killed: list[int]) -> None:

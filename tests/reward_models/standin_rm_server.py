@@ -11,6 +11,8 @@ next N scoring requests (all of them when N is null), then the server is healthy
 
     ok           normal answers
     slow         sleep ``delay`` seconds, then answer
+    hang         accept and read the request, then never answer (until the mode is changed:
+                 a server whose model is wedged — the connection stays open, no bytes come)
     error500     HTTP 500 with a vLLM/TEI-shaped error body
     error503     HTTP 503 (use times=N for "503, then OK")
     wrong_count  one result fewer than inputs
@@ -19,9 +21,10 @@ next N scoring requests (all of them when N is null), then the server is healthy
     not_json     a 200 with an HTML body
 
 ``GET /_stats`` returns the requests seen (path, body, Authorization header) so tests can check
-what was sent.
+what was sent — and count the backend calls.
 Other knobs, also via ``/_control``: ``labels`` (TEI / classify head width, default 1),
-``pooling_shape`` (``vector`` | ``scalar`` | ``tokens``), ``models_endpoint`` (false → 404).
+``pooling_shape`` (``vector`` | ``scalar`` | ``tokens``), ``models_endpoint`` (false → 404),
+``retry_after`` (seconds sent as ``Retry-After`` with error503; null → none).
 
 Run alone: ``python tests/reward_models/standin_rm_server.py --port 8001``. In tests:
 ``with StandinServer() as server: server.url``.
@@ -86,6 +89,7 @@ class State:
         self.labels = 1
         self.pooling_shape = "vector"
         self.models_endpoint = True
+        self.retry_after: float | None = None
         self.requests: list[dict[str, Any]] = []
 
     def apply(self, control: dict[str, Any]) -> None:
@@ -96,6 +100,7 @@ class State:
             self.labels = int(control.get("labels", self.labels))
             self.pooling_shape = control.get("pooling_shape", self.pooling_shape)
             self.models_endpoint = bool(control.get("models_endpoint", self.models_endpoint))
+            self.retry_after = control.get("retry_after", self.retry_after)
             if control.get("reset_log"):
                 self.requests.clear()
 
@@ -103,6 +108,10 @@ class State:
         with self.lock:
             self.requests.append({"path": request.url.path, "body": body,
                                   "authorization": request.headers.get("authorization")})
+
+    def current_mode(self) -> str:
+        with self.lock:
+            return self.mode
 
     def take_mode(self) -> tuple[str, float]:
         """The failure mode for this scoring request (counting it down)."""
@@ -132,10 +141,16 @@ def create_app() -> FastAPI:
     async def fail(mode: str, delay: float, tei: bool) -> JSONResponse | PlainTextResponse | None:
         if mode == "slow":
             await asyncio.sleep(delay)
+        elif mode == "hang":
+            while state.current_mode() == "hang":
+                await asyncio.sleep(0.05)
         elif mode in ("error500", "error503"):
             status = 500 if mode == "error500" else 503
             message = "CUDA error: an illegal memory access" if status == 500 else "overloaded"
-            return tei_error(status, message) if tei else vllm_error(status, message)
+            response = tei_error(status, message) if tei else vllm_error(status, message)
+            if status == 503 and state.retry_after is not None:
+                response.headers["retry-after"] = f"{state.retry_after:g}"
+            return response
         elif mode == "not_json":
             return PlainTextResponse("<html>bad gateway</html>", status_code=200)
         return None
@@ -305,7 +320,7 @@ class StandinServer:
 
     def reset(self) -> None:
         self.set(mode="ok", times=None, delay=0.0, labels=1, pooling_shape="vector",
-                 models_endpoint=True, reset_log=True)
+                 models_endpoint=True, retry_after=None, reset_log=True)
 
     @property
     def requests(self) -> list[dict[str, Any]]:

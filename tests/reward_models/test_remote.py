@@ -1,6 +1,7 @@
 """The ``remote`` reward-model backend against a real HTTP server (uvicorn on 127.0.0.1) that
 speaks vLLM's /classify, /pooling, /v1/models and TEI's /predict shapes, including its failure
-modes: slow, HTTP 500, 503-then-OK, wrong counts, garbage, and a closed port."""
+modes: slow, hung, HTTP 500, 503-then-OK, wrong counts, garbage, and a closed port — and which of
+them mean "the backend is down" (not split by the batcher, counted by its circuit breaker)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from hero_service.batching import Batcher
 from hero_service.metrics import Metrics
 from hero_service.reward_models import RewardModelError, ScoringItem, load_reward_model
-from hero_service.reward_models.base import as_messages
+from hero_service.reward_models.base import RewardModelUnavailable, as_messages
 from hero_service.reward_models.remote import RemoteRewardModel, render
 
 
@@ -286,6 +287,80 @@ def test_failure_never_becomes_a_silent_score(server, make_model):
     assert score(model) == pytest.approx(EXPECTED)  # the same client recovers
 
 
+# -- what a failure means to the batcher -----------------------------------------------------------
+
+
+def test_hung_server_costs_one_timeout_and_is_unavailable(server, make_model):
+    server.set(mode="hang")  # accepts and reads the request, never answers
+    model = make_model(f"{server.url}/classify?model={standin.MODEL_NAME}", timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(RewardModelUnavailable, match=r"timed out after 0\.5s"):
+        score(model)
+    assert time.monotonic() - started < 2.0
+    assert len(scoring_requests(server, "/classify")) == 1
+
+
+@pytest.mark.parametrize("path,mode,whole", [
+    ("classify", "error500", True),
+    ("predict", "error503", True),
+    ("pooling", "not_json", True),
+    ("pooling", "wrong_count", True),
+    ("classify", "bad_index", True),
+    ("predict", "wrong_count", True),
+    ("classify", "not_number", False),  # one score can be bad for one input (NaN, overflow)
+    ("predict", "not_number", False),
+])
+def test_failures_say_whether_the_whole_backend_failed(server, make_model, path, mode, whole):
+    server.set(mode=mode)
+    model = make_model(f"{server.url}/{path}?model={standin.MODEL_NAME}", backoff_s=0.01)
+    with pytest.raises(RewardModelError) as info:
+        score(model)
+    assert isinstance(info.value, RewardModelUnavailable) is whole, str(info.value)
+
+
+def test_refused_inputs_may_be_split_but_a_wrong_model_is_the_backend(server, make_model):
+    items = [ScoringItem("q", "r" * k) for k in range(1, 41)]
+    # TEI's 413 "batch too large": a smaller batch passes, so the batcher may split it.
+    unlimited = make_model(f"{server.url}/predict?max_batch=0")
+    with pytest.raises(RewardModelError, match="HTTP 413") as info:
+        score(unlimited, items)
+    assert not isinstance(info.value, RewardModelUnavailable)
+    # A model the server does not have fails every input alike.
+    with pytest.raises(RewardModelUnavailable, match="HTTP 404"):
+        score(make_model(f"{server.url}/classify?model=other"))
+
+
+def test_unreachable_server_is_unavailable(make_model):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    model = make_model(f"http://127.0.0.1:{port}/classify?model=m", backoff_s=0.01)
+    with pytest.raises(RewardModelUnavailable, match="unreachable"):
+        score(model)
+
+
+def test_retry_after_of_a_persistent_503_is_passed_on(server, make_model):
+    server.set(mode="error503", retry_after=0.05)
+    model = make_model(f"{server.url}/predict", backoff_s=0.01)
+    with pytest.raises(RewardModelUnavailable) as info:
+        score(model)
+    assert info.value.retry_after_s == pytest.approx(0.05)
+
+
+def test_chat_batch_against_a_hung_server_sends_no_more_than_one_wave(server, make_model):
+    from hero_service.reward_models.remote import CHAT_CONCURRENCY
+
+    server.set(mode="hang")
+    model = make_model(f"{server.url}/classify?input=chat&model={standin.MODEL_NAME}",
+                       timeout_s=0.5)
+    items = [ScoringItem("q", f"response {i}") for i in range(3 * CHAT_CONCURRENCY)]
+    started = time.monotonic()
+    with pytest.raises(RewardModelUnavailable, match="timed out"):
+        score(model, items)
+    assert time.monotonic() - started < 2.0
+    assert len(scoring_requests(server, "/classify")) <= CHAT_CONCURRENCY
+
+
 # -- encoding --------------------------------------------------------------------------------------
 
 
@@ -392,3 +467,45 @@ def test_batcher_end_to_end(server, make_model):
             asyncio.run(failing())
     finally:
         batcher.stop()
+
+
+def test_batcher_against_a_hung_server_makes_one_call_then_recovers(server, make_model):
+    model = make_model(f"{server.url}/classify?model={standin.MODEL_NAME}", timeout_s=0.5)
+    metrics = Metrics()
+    # A small token budget: the 64 rollouts are many batches, each of which used to be bisected.
+    batcher = Batcher(model, max_batch_tokens=64, max_wait_ms=0, max_queued=1000,
+                      metrics=metrics, breaker_cooldown_s=0.5)
+    batcher.start()
+    rollouts = [ScoringItem("q", f"response number {i}") for i in range(64)]
+    # Other rollouts for the second request: identical ones would share the first's futures.
+    others = [ScoringItem("q2", f"response number {i}") for i in range(64)]
+
+    async def attempt(items):
+        (outcome,) = await asyncio.gather(batcher.score(model.encode(items)),
+                                          return_exceptions=True)
+        return outcome
+
+    async def outage_and_recovery():
+        # One event loop throughout, as in the service.
+        server.set(mode="hang")
+        started = time.monotonic()
+        first = await attempt(rollouts)
+        first_s = time.monotonic() - started
+        second = await attempt(others)
+        calls = len(scoring_requests(server, "/classify"))
+        server.set(mode="ok")
+        await asyncio.sleep(0.6)  # the cool-down
+        return first, first_s, second, calls, await attempt(rollouts)
+
+    try:
+        first, first_s, second, calls_while_down, recovered = asyncio.run(outage_and_recovery())
+    finally:
+        batcher.stop()
+    assert isinstance(first, RewardModelUnavailable) and "timed out" in str(first)
+    assert first_s < 2.0
+    assert isinstance(second, RewardModelUnavailable) and "circuit breaker open" in str(second)
+    assert calls_while_down == 1  # not 127 (a bisection of 64) or one per batch
+    assert metrics.failure_splits._value.get() == 0
+    assert [s.score for s in recovered] == pytest.approx(
+        [standin.raw_score(f"q\n{item.response}") for item in rollouts])
+    assert batcher.breaker.state == "closed"

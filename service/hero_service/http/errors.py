@@ -19,7 +19,7 @@ from hero_client._validation import (
     summarise,
 )
 
-from ..errors import Overloaded, ServiceError
+from ..errors import ServiceError
 from ..redaction import redact_text
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ def validation_problems(exc: RequestValidationError, request: Request) -> list[F
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
+        # 429 overloaded and 503 reward_model_unavailable say when to come back.
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
         # Messages may quote a remote RM's URL or its error text: never show a credential.
         message = redact_text(exc.message)
         # Every 422 has the same shape, whether pydantic or the pipeline found the problem.

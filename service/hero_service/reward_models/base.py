@@ -33,7 +33,19 @@ class Encoded:
 
 
 class RewardModelError(RuntimeError):
-    """The backend failed to score a batch (after OOM splitting, for local models)."""
+    """The backend failed to score a batch. It may be input-specific (an input that breaks the
+    model, out of memory), so the batcher splits the batch to find the items that fail."""
+
+
+class RewardModelUnavailable(RewardModelError):
+    """The backend failed as a whole, not because of an input: a timeout, an unreachable or
+    failing (5xx) remote, an answer that is not a scores response. Splitting the batch would only
+    repeat the failure, so the batcher fails the whole batch at once and counts it towards its
+    circuit breaker. ``retry_after_s``: how long the caller should wait, when known."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class RewardModel(abc.ABC):

@@ -66,9 +66,24 @@ budget of a batch) is estimated as ``len(text) // 4 + 1``. A rendered text longe
 front of the *response*, keeping its end (the final answer), and flagged ``truncated``.
 
 Failures: connection errors and HTTP 429/502/503/504 are retried (3 attempts, short backoff,
-honouring a small ``Retry-After``); after that, or on a timeout, any other HTTP error, or a response
-of the wrong shape (count, index, non-numbers), ``forward`` raises ``RewardModelError`` naming the
-URL and the cause. A failed call is never turned into a score.
+honouring a small ``Retry-After``); a read timeout is not (each retry would cost another whole
+timeout). What ``forward`` then raises, always naming the URL and the cause, tells the batcher
+whether splitting the batch could help:
+
+    RewardModelUnavailable   the server as a whole: a timeout, unreachable after the retries, any
+                             5xx, any 4xx but those below (401/403/404: configuration, 408/429:
+                             capacity), a body that is not JSON, a response of the wrong shape
+                             (not the protocol's object, wrong count, bad index, missing label)
+                             — the same for any input. The batch fails at once, unsplit, and the
+                             circuit breaker counts it (503 ``reward_model_unavailable`` +
+                             ``Retry-After``).
+    RewardModelError         may be about an input: HTTP 400/413/422 (the server refused these
+                             inputs; TEI's 413 "batch too large" passes once split), a score
+                             that is not a finite number. The batcher bisects to find it.
+
+In ``input=chat`` mode calls go out in waves of 16; a failed call stops the batch before the next
+wave.
+A failed call is never turned into a score.
 """
 
 from __future__ import annotations
@@ -83,13 +98,23 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import httpx
 
 from ..redaction import redact_url
-from .base import Encoded, RewardModel, RewardModelError, ScoringItem, as_messages, prompt_key
+from .base import (
+    Encoded,
+    RewardModel,
+    RewardModelError,
+    RewardModelUnavailable,
+    ScoringItem,
+    as_messages,
+    prompt_key,
+)
 
 PROTOCOLS = ("classify", "pooling", "predict")
 DEFAULT_MAX_TOKENS = 4096
 CHARS_PER_TOKEN = 4
 TEI_DEFAULT_MAX_BATCH = 32
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# The server refused these inputs: another split of the batch may pass (see "Failures").
+INPUT_STATUSES = frozenset({400, 413, 422})
 ATTEMPTS = 3
 BACKOFF_S = 0.1
 MAX_BACKOFF_S = 2.0
@@ -235,7 +260,12 @@ class RemoteRewardModel(RewardModel):
         def one(messages: Any) -> float:
             return self._parse(self._post(self._body(messages, chat=True)), 1)[0]
 
-        return list(self._pool.map(one, conversations))
+        # In waves: a failure stops the batch before the next wave is sent, so a server that is
+        # down sees at most one wave (Executor.map's own cancelling races its pool threads).
+        scores: list[float] = []
+        for start in range(0, len(conversations), CHAT_CONCURRENCY):
+            scores.extend(self._pool.map(one, conversations[start:start + CHAT_CONCURRENCY]))
+        return scores
 
     def _body(self, inputs: Any, chat: bool = False) -> dict[str, Any]:
         if not self.vllm:
@@ -263,7 +293,7 @@ class RemoteRewardModel(RewardModel):
         except (KeyError, IndexError, TypeError):
             name = None
         if not isinstance(name, str) or not name:
-            raise RewardModelError(
+            raise RewardModelUnavailable(
                 f"remote reward model at {_redact(self.models_url)} lists no model; "
                 "name one with ?model=NAME")
         self.remote_model = name
@@ -291,7 +321,7 @@ class RemoteRewardModel(RewardModel):
                 cause = f"is unreachable (connect timed out after {self.timeout_s:g}s)"
                 continue
             except httpx.TimeoutException as exc:
-                raise RewardModelError(
+                raise RewardModelUnavailable(
                     f"remote reward model at {shown} timed out after {self.timeout_s:g}s"
                 ) from exc
             except httpx.TransportError as exc:
@@ -302,13 +332,16 @@ class RemoteRewardModel(RewardModel):
                 retry_after = _retry_after(response)
                 continue
             return response
-        raise RewardModelError(
-            f"remote reward model at {shown} {cause} (after {self.attempts} attempts)")
+        raise RewardModelUnavailable(
+            f"remote reward model at {shown} {cause} (after {self.attempts} attempts)",
+            retry_after_s=retry_after)
 
     @staticmethod
     def _raise_for_status(response: httpx.Response, url: str) -> None:
         if response.status_code >= 400:
-            raise RewardModelError(
+            error = (RewardModelError if response.status_code in INPUT_STATUSES
+                     else RewardModelUnavailable)
+            raise error(
                 f"remote reward model at {_redact(url)} returned HTTP {response.status_code}: "
                 f"{_detail(response)}")
 
@@ -317,7 +350,7 @@ class RemoteRewardModel(RewardModel):
         try:
             return response.json()
         except ValueError:
-            raise RewardModelError(
+            raise RewardModelUnavailable(
                 f"remote reward model at {_redact(url)} returned a body that is not JSON: "
                 f"{response.text[:200]!r}") from None
 
@@ -383,7 +416,7 @@ class RemoteRewardModel(RewardModel):
                 chosen = predictions
             else:
                 labels = [p.get("label") for p in predictions]
-                raise RewardModelError(
+                raise RewardModelUnavailable(
                     f"remote reward model at {self.shown_url} has {len(predictions)} labels "
                     f"{labels}; name the reward's label with ?label=NAME")
             scores.append(self._number(chosen[0].get("score"), f"{where} 'score'"))
@@ -392,11 +425,14 @@ class RemoteRewardModel(RewardModel):
     def _number(self, value: Any, where: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not math.isfinite(value):
-            raise self._malformed(f"{where} is {value!r}, not a finite number")
+            # The one shape problem that can be about an input (e.g. NaN from an overflow).
+            raise self._malformed(f"{where} is {value!r}, not a finite number", whole=False)
         return float(value)
 
-    def _malformed(self, what: str) -> RewardModelError:
-        return RewardModelError(
+    def _malformed(self, what: str, whole: bool = True) -> RewardModelError:
+        """``whole``: the response as such is wrong, whatever the inputs (see "Failures")."""
+        error = RewardModelUnavailable if whole else RewardModelError
+        return error(
             f"remote reward model at {self.shown_url} returned a malformed {self.protocol} "
             f"response: {what}")
 
