@@ -48,7 +48,7 @@ class Settings(BaseSettings):
 
     # Verifier pool.
     verifier_workers: int = Field(0, ge=0, description="worker processes; 0 = one per core")
-    verifier_timeout_s: int = Field(5, ge=1, description="math-verify timeout per parse/compare (s); a stuck worker is killed after 2x+1 s")
+    verifier_timeout_s: int = Field(5, ge=1, description="math-verify timeout per parse/compare (s); a worker whose call runs 1 s past it is killed (per call, not per chunk)")
     verifier_max_tasks: int = Field(2000, ge=1, description="recycle a worker after this many tasks")
     verifier_memory_mb: int = Field(2048, ge=0, description="address-space cap per worker; 0 = none")
     # Responses decoded with skip_special_tokens=False end with the policy's EOS/pad text.

@@ -23,4 +23,8 @@ HOSTILE_CASES: list[tuple[str, str]] = [
     ("deep_exponent_chain", "\\boxed{" + "2^{" * 500 + "2" + "}" * 500 + "}"),
     ("long_sum", "\\boxed{" + "+".join(f"x_{{{i}}}" for i in range(20_000)) + "}"),
     ("huge_integer_power", "\\boxed{2^{2^{64}}}"),
+    # Quadratic for a brace matcher that scans forward from every opening (minutes at this size).
+    ("unclosed_boxes_27000", "\\boxed{" * 27_000),
+    ("unclosed_fboxes_then_one_closed", "\\fbox{" * 27_000 + "8}"),
+    ("open_braces_then_box", "{" * 200_000 + "\\boxed{8}"),
 ]

@@ -1,6 +1,6 @@
-"""Hostile verifier inputs against a real service: every one is answered within the hard timeout,
-never as "correct", its neighbours keep their verdicts, memory stays bounded, and the next normal
-request is scored correctly."""
+"""Hostile verifier inputs against a real service, for every verifier (math, exact, numeric, none):
+every one is answered within a time bound, never as "correct", its neighbours keep their verdicts,
+memory stays bounded, and the next normal request is scored correctly."""
 
 from __future__ import annotations
 
@@ -14,8 +14,15 @@ from hostile_corpus import HOSTILE_CASES
 from support import running_server
 
 TIMEOUT_S = 1
-# The chunk's hard timeout (2t + 1) can fire once, then each response is retried alone (2t + 1).
-BOUND_S = 2 * (2 * TIMEOUT_S + 1) + 3
+# math: each math-verify call has its own alarm of t; one that overruns it by the slack (1 s) gets
+# its worker killed, and the response is retried alone once. So the worst case is two overruns of
+# one call, plus a worker restart and the request's own overhead.
+MATH_BOUND_S = 2 * (TIMEOUT_S + 1) + 3
+# exact / numeric / none run in the service process on linear string work: megabytes in well
+# under a second. (A quadratic brace matcher took minutes on unclosed_boxes_27000.)
+IN_PROCESS_BOUND_S = 5.0
+BOUNDS = {"math": MATH_BOUND_S, "exact": IN_PROCESS_BOUND_S, "numeric": IN_PROCESS_BOUND_S,
+          "none": IN_PROCESS_BOUND_S}
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -38,43 +45,49 @@ def hostile_server():
         yield srv
 
 
-def score(srv, responses):
-    return httpx.post(srv.url + "/v1/rewards", timeout=120, json={"groups": [
+def score(srv, responses, verifier="math"):
+    return httpx.post(srv.url + "/v1/rewards", timeout=120, json={"verifier": verifier, "groups": [
         {"prompt": "What is 3 + 4?", "reference": "7", "responses": responses,
          "rm_scores": [0.0] * len(responses)}]})
 
 
-def test_every_hostile_answer_is_contained(hostile_server, figures):
+@pytest.mark.parametrize("verifier", list(BOUNDS))
+def test_every_hostile_answer_is_contained(hostile_server, figures, verifier):
     srv = hostile_server
-    score(srv, ["\\boxed{7}"])  # warm up
+    bound_s = BOUNDS[verifier]
+    # The neighbours' verdicts: a right and a wrong answer (everything is "skipped" with none).
+    neighbours = ("skipped", "skipped") if verifier == "none" else ("correct", "incorrect")
+    allowed = {"skipped"} if verifier == "none" else {"timeout", "error", "incorrect", "no_answer"}
+    score(srv, ["\\boxed{7}"], verifier)  # warm up
     rss_before = tree_rss_mb(srv.proc.pid)
     rss_peak = rss_before
     statuses: dict[str, str] = {}
     slowest = 0.0
     for name, text in HOSTILE_CASES:
         started = time.monotonic()
-        r = score(srv, ["\\boxed{7}", text, "\\boxed{8}"])
+        r = score(srv, ["\\boxed{7}", text, "\\boxed{8}"], verifier)
         elapsed = time.monotonic() - started
         slowest = max(slowest, elapsed)
         assert r.status_code == 200, (name, r.text[:300])
         status = r.json()["groups"][0]["verifier_status"]
-        assert status[0] == "correct" and status[2] == "incorrect", (name, status)
-        assert status[1] in ("timeout", "error", "incorrect", "no_answer"), (name, status)
-        assert elapsed < BOUND_S, (name, elapsed)
+        assert (status[0], status[2]) == neighbours, (name, status)
+        assert status[1] in allowed, (name, status)
+        assert elapsed < bound_s, (name, elapsed)
         statuses[name] = status[1]
         rss_peak = max(rss_peak, tree_rss_mb(srv.proc.pid))
-    after = score(srv, ["\\boxed{7}", "\\boxed{6}"]).json()["groups"][0]["verifier_status"]
-    assert after == ["correct", "incorrect"]
+    after = score(srv, ["\\boxed{7}", "\\boxed{6}"], verifier).json()["groups"][0]
+    assert tuple(after["verifier_status"]) == neighbours
     rss_after = tree_rss_mb(srv.proc.pid)
     assert rss_peak - rss_before < 1500, (rss_before, rss_peak)
     counts = {s: sum(v == s for v in statuses.values()) for s in sorted(set(statuses.values()))}
-    figures.record("hostile inputs", "cases tried", len(HOSTILE_CASES))
-    figures.record("hostile inputs", "outcomes", ", ".join(f"{k}: {v}" for k, v in counts.items()))
-    figures.record("hostile inputs", "slowest answer (s)", slowest)
-    figures.record("hostile inputs", f"bound asserted (s, timeout {TIMEOUT_S} s)", BOUND_S)
-    figures.record("hostile inputs", "service+pool RSS before / peak / after (MB)",
+    area = f"hostile inputs ({verifier})"
+    figures.record(area, "cases tried", len(HOSTILE_CASES))
+    figures.record(area, "outcomes", ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    figures.record(area, "slowest answer (s)", slowest)
+    figures.record(area, f"bound asserted (s, timeout {TIMEOUT_S} s)", bound_s)
+    figures.record(area, "service+pool RSS before / peak / after (MB)",
                    f"{rss_before:.0f} / {rss_peak:.0f} / {rss_after:.0f}")
-    print(statuses)
+    print(f"{verifier}: slowest {slowest:.2f} s (bound {bound_s:g} s)", statuses)
 
 
 def test_killed_worker_mid_task_is_retried_and_the_request_completes(hostile_server, figures):

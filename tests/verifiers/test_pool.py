@@ -97,3 +97,67 @@ def test_pool_heals_after_idle_workers_are_killed():
 
     after, first, restarts = asyncio.run(go())
     assert after != first and restarts == 1
+
+
+def _sleep_per_item(items, progress):
+    """Healthy but slow: each item takes its own number of seconds, reporting as it goes."""
+    out = []
+    for index, seconds in enumerate(items):
+        progress.item(index)
+        time.sleep(seconds)
+        out.append((os.getpid(), seconds))
+    progress.item(len(items))
+    return out
+
+
+def test_run_items_bounds_each_step_not_the_whole_task():
+    """Ten items of 0.4 s under a 1 s step budget: 4 s in all, nothing killed."""
+    failures: list[str] = []
+
+    async def go():
+        pool = ProcessWorkerPool(workers=1, max_tasks=100, memory_mb=0)
+        try:
+            return await pool.run_items(_sleep_per_item, [0.4] * 10, step_timeout_s=1.0,
+                                        on_failure=failures.append)
+        finally:
+            pool.close()
+
+    results = asyncio.run(go())
+    assert failures == []
+    assert [seconds for _, seconds in results] == [0.4] * 10
+    assert len({pid for pid, _ in results}) == 1  # one worker, one task
+
+
+def test_run_items_retries_only_the_item_whose_worker_died():
+    """kill -9 the worker while it sleeps on item 2: that item is retried alone, the others run
+    again, and every item gets its real result."""
+    import threading
+
+    failures: list[str] = []
+    killed: list[int] = []
+
+    async def go():
+        pool = ProcessWorkerPool(workers=1, max_tasks=100, memory_mb=0)
+        try:
+            pid = await pool.run(os.getpid, timeout_s=30)
+
+            def kill_during_item_2():
+                time.sleep(0.2 + 0.1 + 0.1 + 0.5)  # items 0, 1 done; item 2 (3 s) running
+                os.kill(pid, 9)
+                killed.append(pid)
+
+            killer = threading.Thread(target=kill_during_item_2)
+            killer.start()
+            started = time.monotonic()
+            results = await pool.run_items(_sleep_per_item, [0.1, 0.1, 3.0, 0.1],
+                                           step_timeout_s=5.0, on_failure=failures.append)
+            killer.join()
+            return results, time.monotonic() - started
+        finally:
+            pool.close()
+
+    results, elapsed = asyncio.run(go())
+    assert killed and failures == ["died"]
+    assert [seconds for _, seconds in results] == [0.1, 0.1, 3.0, 0.1]
+    assert killed[0] not in {pid for pid, _ in results}
+    assert elapsed < 10, elapsed
