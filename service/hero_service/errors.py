@@ -18,6 +18,15 @@ class ServiceError(Exception):
         self.field = field
 
 
+class RetryLater(ServiceError):
+    """A failure of the moment, not of the request: the caller should come back after
+    ``retry_after_s`` (sent as Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class InputError(ServiceError):
     """The request is well-formed JSON but cannot be scored as asked (names the field)."""
 
@@ -25,15 +34,11 @@ class InputError(ServiceError):
     code = "invalid_request"
 
 
-class Overloaded(ServiceError):
+class Overloaded(RetryLater):
     """The bounded queue is full; the caller should retry after ``retry_after_s``."""
 
     status = 429
     code = "overloaded"
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class NotReady(ServiceError):
@@ -48,16 +53,12 @@ class ScoringFailed(ServiceError):
     code = "scoring_failed"
 
 
-class ScoringUnavailable(ServiceError):
+class ScoringUnavailable(RetryLater):
     """The reward model is down as a whole (timeout, unreachable, 5xx) or its circuit breaker is
     open: nothing about this request is wrong, so it should come back after ``retry_after_s``."""
 
     status = 503
     code = "reward_model_unavailable"
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class TooManyRollouts(ServiceError):
