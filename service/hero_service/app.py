@@ -10,11 +10,10 @@ from typing import AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI
 
-from hero_client._sigma import RunningSigma
-
 from . import __version__
 from .batching import Batcher
 from .config import Settings
+from .group_store import GroupStore, GroupStoreUnavailable, create_group_store
 from .http.errors import install_error_handlers
 from .http.openrlhf import GetRewardScorer
 from .http.auth import ApiKeyAuth
@@ -60,7 +59,10 @@ class Service:
         self.version = __version__
         self.pipeline: Optional[Pipeline] = None
         self.verifiers: dict[str, Verifier] = {}
-        self.running_sigma = RunningSigma()
+        # Assembled groups and the server-side sigma-bar per run (one replica: in memory).
+        self.group_store: GroupStore = create_group_store(settings, result_ttl_s=1200)
+        self.group_store_started = False
+        self.group_store_error: Optional[str] = None  # why it could not start (for /readyz)
         self.get_reward_scorer: Optional[GetRewardScorer] = None
         self.draining = False
         self.active_requests = 0  # scoring requests being answered (maintained by middleware)
@@ -69,6 +71,44 @@ class Service:
     def ready(self) -> bool:
         return (self.pipeline is not None and not self.draining
                 and all(v.ready() for v in self.verifiers.values()))
+
+    async def not_ready_reason(self) -> Optional[str]:
+        """None when ready; else why not, in a few words (for /readyz)."""
+        if self.draining:
+            return "draining"
+        if not self.ready():
+            return "starting"
+        if not self.group_store_started:
+            return f"group store not reachable: {self.group_store_error or 'starting'}"
+        return await self.group_store.ready()
+
+    def require_group_store(self) -> GroupStore:
+        if not self.group_store_started:
+            raise GroupStoreUnavailable(
+                f"group store not started: {self.group_store_error or 'starting'}",
+                retry_after_s=2)
+        return self.group_store
+
+    async def start_group_store(self) -> None:
+        """Start the store; while Redis is unreachable, log one line and keep trying (the
+        service stays up, /readyz says why it is not ready, and it turns ready once Redis
+        answers)."""
+        logged = False
+        while True:
+            try:
+                await self.group_store.start()
+            except GroupStoreUnavailable as exc:
+                self.group_store_error = exc.message
+                if not logged:
+                    log.error("%s; not ready until it is reachable (retrying every 2 s)",
+                              exc.message)
+                    logged = True
+                await asyncio.sleep(2.0)
+                continue
+            self.group_store_started, self.group_store_error = True, None
+            if logged:
+                log.info("group store %s reachable; ready", self.group_store.name)
+            return
 
     def require_pipeline(self) -> Pipeline:
         from .errors import NotReady
@@ -112,9 +152,14 @@ def create_app(
             max_queued=settings.max_queued_rollouts, metrics=metrics)
         batcher.start()
         pipeline = Pipeline(settings, model, batcher, verifiers, metrics)
+        def on_sigma(run: str, value: Optional[float]) -> None:
+            metrics.sigma_ref.set(value or 0.0)
+            metrics.sigma_ref_by_run.labels(run).set(value or 0.0)
+
         service.get_reward_scorer = GetRewardScorer(
-            pipeline, service.running_sigma, lambda v: metrics.sigma_ref.set(v or 0.0),
-            settings.group_size, settings.group_timeout_s, settings.max_queued_rollouts)
+            pipeline, service.group_store, settings.group_size, on_sigma,
+            on_partial=metrics.partial_groups.inc)
+        store_task = asyncio.create_task(service.start_group_store(), name="group-store-start")
         service.verifiers = verifiers
         service.pipeline = pipeline
         log.info("ready: reward_model=%s on %s, verifier=%s, max_batch_tokens=%d",
@@ -123,8 +168,9 @@ def create_app(
             yield
         finally:
             service.draining = True
-            if service.get_reward_scorer and service.get_reward_scorer.assembler:
-                await service.get_reward_scorer.assembler.flush_all()
+            store_task.cancel()
+            await asyncio.gather(store_task, return_exceptions=True)
+            await service.group_store.close()
             batcher.stop()
             await asyncio.gather(*(v.close() for v in verifiers.values()))
             model.close()

@@ -1,6 +1,8 @@
 """Prometheus metrics. Each app owns its registry (several apps can live in one test process).
 
-``hero_queue_depth`` — rollouts admitted and not yet answered — is the autoscaling signal."""
+``hero_queue_depth`` — rollouts admitted and not yet scored — is the autoscaling signal: the
+scoring backlog only; requests parked waiting for their group are not in it
+(``hero_group_waiting_requests``)."""
 
 from __future__ import annotations
 
@@ -71,6 +73,24 @@ class Metrics:
             "hero_rejected_requests", "requests refused before scoring", ["reason"], registry=r)
         self.sigma_ref = Gauge(
             "hero_sigma_ref_running", "server-side running mean of group sigma (get_reward)",
+            registry=r)
+        self.sigma_ref_by_run = Gauge(
+            "hero_sigma_ref_by_run", "server-side running sigma-bar per run (group store)",
+            ["run"], registry=r)
+        self.partial_groups = Counter(
+            "hero_partial_groups", "assembled groups closed at their deadline before N members "
+            "arrived (counted once, by the replica that closed them)", registry=r)
+        self.group_waiting_requests = Gauge(
+            "hero_group_waiting_requests", "requests of this replica parked waiting for their "
+            "group (not part of hero_queue_depth)", registry=r)
+        self.group_waiting_members = Gauge(
+            "hero_group_waiting_members", "members in open groups across every replica sharing "
+            "the group store", registry=r)
+        self.group_store_round_trips = Gauge(
+            "hero_group_store_round_trips", "group-store round trips made by this replica, by "
+            "operation", ["op"], registry=r)
+        self.group_store_members = Gauge(
+            "hero_group_store_members", "members this replica sent to the group store",
             registry=r)
         self.prompt_mismatches = Counter(
             "hero_get_reward_prompt_mismatch", "/get_reward queries that do not start with their "

@@ -11,7 +11,10 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from hero_client.schema import Group, GroupResult, RewardsRequest, RewardsResponse, Timings
+from hero_client.schema import (
+    Group, GroupResult, HeroParams as RequestParams, Mode, RewardsRequest, RewardsResponse,
+    Timings, VerifierStatus,
+)
 
 from . import hero, special_tokens
 from .batching import Batcher
@@ -30,6 +33,44 @@ class _RMResult:
     scores: list[float]
     truncated: list[bool]
     queue_ms: float
+
+
+@dataclass(frozen=True)
+class LocalScores:
+    """A request's per-response results before HERO combines them (one entry per group)."""
+
+    verifier: Verifier
+    verdicts: list[list[Verdict]]
+    rm_results: list[Optional[_RMResult]]
+    verify_ms: float
+    rm_ms: float
+    n_rollouts: int
+
+    def timings(self, started: float) -> Timings:
+        return Timings(
+            queue=max((r.queue_ms for r in self.rm_results if r is not None), default=0.0),
+            verifier=self.verify_ms, reward_model=self.rm_ms,
+            total=(time.perf_counter() - started) * 1000.0)
+
+
+def hero_params(p: RequestParams) -> hero.HeroParams:
+    return hero.HeroParams(
+        alpha=p.alpha, beta=p.beta, w_min=p.w_min, w_max=p.w_max, k=p.k, epsilon=p.epsilon,
+        tie_policy=p.tie_policy, weight_gap=p.weight_gap, advantage=p.advantage,
+    )
+
+
+def combine_group(mode: Mode, params: hero.HeroParams, group_id: str,
+                  statuses: Sequence[VerifierStatus], rm_scores: Optional[list[float]],
+                  truncated: list[bool], sigma_ref: Optional[float]) -> GroupResult:
+    """HERO (or the ablation ``mode``) for one whole group: pure, shared by requests scored
+    whole and by groups closed in the group store."""
+    verified = [s == "correct" for s in statuses]
+    result = hero.score_group(mode, verified, rm_scores, params, sigma_ref)
+    return GroupResult(
+        id=group_id, sigma=result.sigma, weight=result.weight, rewards=result.rewards,
+        advantages=result.advantages, verified=verified, verifier_status=list(statuses),
+        rm_scores=rm_scores, normalized=result.normalized, truncated=truncated)
 
 
 def _unavailable(exc: RewardModelUnavailable) -> ScoringUnavailable:
@@ -97,6 +138,16 @@ class Pipeline:
         """Score a request. ``sigma_ref`` (the server's running mean) applies only when the
         request sends none."""
         started = time.perf_counter()
+        local = await self.score_locally(request)
+        response = self._combine(request, local.verifier, local.verdicts, local.rm_results,
+                                 sigma_ref)
+        response.timings_ms = local.timings(started)
+        self.metrics.rollouts_scored.labels(request.mode).inc(local.n_rollouts)
+        return response
+
+    async def score_locally(self, request: RewardsRequest) -> "LocalScores":
+        """Verifier verdicts and RM scores per response, not combined into HERO rewards: what a
+        group assembled across requests and replicas sends to the group store."""
         verifier = self.check(request)
         n_rollouts = sum(len(g.responses) for g in request.groups)
         self._admit(n_rollouts)
@@ -113,15 +164,7 @@ class Pipeline:
             if isinstance(outcome, BaseException):
                 raise outcome
         (verdicts, verify_ms), (rm_results, rm_ms) = outcomes  # type: ignore[misc]
-        response = self._combine(request, verifier, verdicts, rm_results, sigma_ref)
-        response.timings_ms = Timings(
-            queue=max((r.queue_ms for r in rm_results if r is not None), default=0.0),
-            verifier=verify_ms,
-            reward_model=rm_ms,
-            total=(time.perf_counter() - started) * 1000.0,
-        )
-        self.metrics.rollouts_scored.labels(request.mode).inc(n_rollouts)
-        return response
+        return LocalScores(verifier, verdicts, rm_results, verify_ms, rm_ms, n_rollouts)
 
     def _admit(self, n: int) -> None:
         limit = self.settings.max_queued_rollouts
@@ -221,10 +264,7 @@ class Pipeline:
         running_sigma_ref: Optional[float],
     ) -> RewardsResponse:
         p = request.params
-        params = hero.HeroParams(
-            alpha=p.alpha, beta=p.beta, w_min=p.w_min, w_max=p.w_max, k=p.k, epsilon=p.epsilon,
-            tie_policy=p.tie_policy, weight_gap=p.weight_gap, advantage=p.advantage,
-        )
+        params = hero_params(p)
         sigmas = [hero.group_sigma(r.scores) if r else None for r in rm_results]
         sigma_ref = p.sigma_ref
         if sigma_ref is None:
@@ -234,21 +274,10 @@ class Pipeline:
         groups = []
         for g, group in enumerate(request.groups):
             rm = rm_results[g]
-            verified = [v.verified for v in verdicts[g]]
-            result = hero.score_group(
-                request.mode, verified, rm.scores if rm else None, params, sigma_ref)
-            groups.append(GroupResult(
-                id=group.id if group.id is not None else str(g),
-                sigma=result.sigma,
-                weight=result.weight,
-                rewards=result.rewards,
-                advantages=result.advantages,
-                verified=verified,
-                verifier_status=[v.status for v in verdicts[g]],
-                rm_scores=rm.scores if rm else None,
-                normalized=result.normalized,
-                truncated=rm.truncated if rm else [False] * len(group.responses),
-            ))
+            groups.append(combine_group(
+                request.mode, params, group.id if group.id is not None else str(g),
+                [v.status for v in verdicts[g]], rm.scores if rm else None,
+                rm.truncated if rm else [False] * len(group.responses), sigma_ref))
         return RewardsResponse(
             request_id=request.request_id,
             mode=request.mode,

@@ -311,3 +311,7 @@ class InfoResponse(_Response):
     modes: list[Mode]
     group_size: Optional[int] = None
     limits: LimitsInfo
+    running_sigma_ref: dict[str, float] = Field(
+        default_factory=dict, description="the server-side running sigma-bar per run "
+        "(/get_reward ?run=, 'default' when unnamed), shared by replicas on one group store")
+    group_store: Optional[str] = Field(None, description="memory | redis")

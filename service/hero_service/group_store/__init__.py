@@ -17,11 +17,11 @@ How the endpoints use it (the wiring, a follow-up to this package):
    to the group's own sigma, as ``hero.default_sigma_ref`` does), returning a ``GroupResult``
    in the members' order -- the one-group body of ``Pipeline._combine``. Each
    ``MemberOutcome`` maps onto today's ``AssembledResult(group, index, sigma_ref, partial)``.
-   Member ids: a digest of (request body, position) -- a client's retry of the same body
-   re-attaches -- or a client-sent id. Note: OpenRLHF's bodies carry no id, so two identical
-   samples sent in separate requests get the same digest and count as one member (their
-   reward is identical, but the group then closes partial at its deadline); a per-request
-   nonce or an id from the client would be needed to tell them apart.
+   Member ids (wired in ``http/openrlhf.py``): digest(run, n, prompt, label, query) + ``#k``,
+   k the first index whose attachment lease (``acquire_attachment``) no live request holds;
+   renewed while the request waits, released when it ends (kept for ``result_ttl_s`` once its
+   answer was delivered), so identical samples are separate members and a re-sent request
+   whose first attempt got no answer re-attaches.
 3. ``/v1/rewards`` pieces (``group_key`` + ``group_size``): ``GroupKey.for_group_key(run,
    group_key, group_size)`` and the same join.
 4. Groups scored whole (no assembly): read ``await store.sigma_value(run)`` as the server's

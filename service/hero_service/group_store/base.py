@@ -455,6 +455,28 @@ class GroupStore(abc.ABC):
     async def sigma_value(self, run: str) -> Optional[float]:
         return (await self.sigma_values()).get(run)
 
+    # -- attachment leases: which member ids a live request is holding --------------------------
+    # Two identical responses of one group send identical bodies; each request takes the first
+    # of its candidate member ids (``...#0``, ``...#1``, ...) that no live request holds, so they
+    # become separate members, while a re-sent request (whose first attempt ended or whose
+    # replica died, so its lease lapsed) re-attaches to the same id.
+
+    @abc.abstractmethod
+    async def acquire_attachment(self, candidates: Sequence[str], lease_s: float) -> Optional[str]:
+        """Take the first candidate no one holds, for ``lease_s``; None if all are held."""
+
+    @abc.abstractmethod
+    async def renew_attachments(self, names: Sequence[str], lease_s: float) -> None:
+        """Extend the leases this caller holds (while its request waits)."""
+
+    @abc.abstractmethod
+    async def release_attachments(self, names: Sequence[str], delivered: bool = False) -> None:
+        """Drop leases (the request ended). ``delivered``: the member's result reached its
+        caller, so the id stays taken for ``result_ttl_s`` (as long as the store remembers the
+        member): the same response sampled again later is a new member, never handed the old
+        group's result, while a request that did not get its answer (timed out, disconnected,
+        replica died) leaves the id free for its retry to re-attach."""
+
     @abc.abstractmethod
     async def waiting(self) -> int:
         """Members in open groups, across all replicas sharing the store (the bounded count)."""

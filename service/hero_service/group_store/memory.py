@@ -47,6 +47,7 @@ class MemoryBackend:
         self._seq = itertools.count()
         self.sigma: dict[str, SigmaState] = {}
         self._listeners: list[Callable[[str, str, bool], None]] = []
+        self.attachments: dict[str, float] = {}  # member id -> lease end (clock seconds)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -216,6 +217,36 @@ class MemoryGroupStore(GroupStore):
 
     async def waiting(self) -> int:
         return self.backend.waiting
+
+    async def acquire_attachment(self, candidates: Sequence[str], lease_s: float) -> Optional[str]:
+        self._stats.round_trips["attach"] += 1
+        now = self.backend.clock()
+        held = self.backend.attachments
+        for name in candidates:
+            if held.get(name, 0.0) <= now:
+                held[name] = now + lease_s
+                return name
+        return None
+
+    async def renew_attachments(self, names: Sequence[str], lease_s: float) -> None:
+        self._stats.round_trips["attach_renew"] += 1
+        until = self.backend.clock() + lease_s
+        for name in names:
+            self.backend.attachments[name] = until
+
+    async def release_attachments(self, names: Sequence[str], delivered: bool = False) -> None:
+        self._stats.round_trips["attach_release"] += 1
+        for name in names:
+            if delivered:
+                self.backend.attachments[name] = self.backend.clock() + self.result_ttl_s
+            else:
+                self.backend.attachments.pop(name, None)
+        # Lapsed leases of requests that never released (bounded by live traffic).
+        now = self.backend.clock()
+        if len(self.backend.attachments) > 4 * self.max_waiting:
+            for name, until in list(self.backend.attachments.items()):
+                if until <= now:
+                    del self.backend.attachments[name]
 
     async def _join(self, key: GroupKey, members: Sequence[Member],
                     timeout_s: float) -> list[Reply]:

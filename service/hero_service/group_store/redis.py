@@ -246,6 +246,50 @@ class RedisGroupStore(GroupStore):
         raw = await self._call("sigma_read", lambda: self._redis.hgetall(self._keys[3]))
         return {run: float(v) for run, v in raw.items()}
 
+    # SET NX PX per candidate in one script: the first free one is taken, atomically.
+    _ATTACH = ("for i, name in ipairs(KEYS) do "
+               "if redis.call('SET', name, '1', 'NX', 'PX', ARGV[1]) then return i end end "
+               "return 0")
+
+    def _attach_key(self, name: str) -> str:
+        return f"{self.prefix}:attached:{name}"
+
+    async def acquire_attachment(self, candidates: Sequence[str], lease_s: float) -> Optional[str]:
+        if not candidates:
+            return None
+        keys = [self._attach_key(c) for c in candidates]
+        found = await self._call("attach", lambda: self._redis.eval(
+            self._ATTACH, len(keys), *keys, self._ms(lease_s)))
+        return candidates[int(found) - 1] if int(found) else None
+
+    async def renew_attachments(self, names: Sequence[str], lease_s: float) -> None:
+        if not names:
+            return
+
+        async def renew() -> Any:
+            pipe = self._redis.pipeline(transaction=False)
+            for name in names:
+                pipe.pexpire(self._attach_key(name), self._ms(lease_s))
+            return await pipe.execute()
+
+        await self._call("attach_renew", renew)
+
+    async def release_attachments(self, names: Sequence[str], delivered: bool = False) -> None:
+        if not names:
+            return
+        keys = [self._attach_key(n) for n in names]
+        if not delivered:
+            await self._call("attach_release", lambda: self._redis.delete(*keys))
+            return
+
+        async def keep() -> Any:
+            pipe = self._redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.set(key, "delivered", px=self._ms(self.result_ttl_s))
+            return await pipe.execute()
+
+        await self._call("attach_release", keep)
+
     async def waiting(self) -> int:
         """Members in open groups across all replicas (the bounded quantity)."""
         raw = await self._call("waiting", lambda: self._redis.get(self._keys[0]))

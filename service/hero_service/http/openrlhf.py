@@ -4,9 +4,21 @@ What OpenRLHF 0.11 sends (``openrlhf/utils/agent.py`` ``SingleTurnAgentExecutor`
 per request: ``{"query": [q], "prompts": [p], "labels": [l]}`` where ``q`` =
 ``tokenizer.decode(prompt ids + response ids, skip_special_tokens=False)``. So:
 
-- **Groups.** Queries sharing a (prompt, label) form one group; with ``--group-size`` the queries
-  of one group arrive in separate requests and are assembled (``assembly.py``). OpenRLHF cannot
-  send sigma_ref, so the server's running mean is used.
+- **Groups.** Queries sharing a (prompt, label) form one group; with a group size
+  (``--group-size`` or ``?n=``) the queries of one group arrive in separate requests, possibly at
+  other replicas: each request is verified and RM-scored here, and its per-response results meet
+  the rest of the group in the group store (``group_store/``), which closes the group once and
+  gives every caller its own response's reward. OpenRLHF cannot send sigma_ref, so the run's
+  server-side running mean from the store is used (``?run=`` names the series, default
+  ``default``).
+- **Member ids.** digest(run, n, prompt, label, query) + ``#k``, k the first index whose
+  attachment lease no live request holds (the lease is renewed while the request waits and
+  dropped when it ends or its client disconnects). Two identical samples, which OpenRLHF sends
+  as two identical bodies, are two members; a re-sent body (the first attempt's client gone, or
+  its replica dead and the lease lapsed) re-attaches to its member. A member whose answer was
+  delivered keeps its id taken for the result TTL, so the same (prompt, label, query) sampled
+  again in a later step is a new member. Limitation: a request answered on the server whose
+  reply was lost on the wire, then re-sent, counts as a new member (it opens the next group).
 - **The response** is the query with its prompt prefix removed. A query that does not start with
   its prompt (OpenRLHF cuts over-long prompts from the left; ``clean_up_tokenization_spaces``
   and other lossy decodes change the text) is counted (``hero_get_reward_prompt_mismatch_total``)
@@ -33,16 +45,35 @@ per request: ``{"query": [q], "prompts": [p], "labels": [l]}`` where ``q`` =
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence, Union
 
-from hero_client.schema import GetRewardRequest, GetRewardResponse, Group, RewardsRequest
+from hero_client.schema import (
+    GetRewardRequest, GetRewardResponse, Group, GroupResult, HeroParams, RewardsRequest,
+)
 
-from .. import special_tokens
-from ..assembly import AssembledResult, GroupAssembler, ScoredGroup
-from ..errors import InputError
-from ..pipeline import Pipeline
+from .. import hero, special_tokens
+from ..errors import InputError, NotReady, Overloaded, ServiceError, TooManyRollouts
+from ..group_store import (
+    ClosedGroup, GroupKey, GroupStore, GroupStoreUnavailable, Member, MemberOutcome,
+    stable_digest,
+)
+from ..pipeline import LocalScores, Pipeline, combine_group, hero_params
 from ..reward_models import templates
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUN = "default"
+# Attachment leases: long enough to outlive a slow round trip, renewed well inside.
+ATTACH_LEASE_S = 10.0
+ATTACH_RENEW_S = 2.0
+# Ids per (prompt, label, query) and group size: identical samples in one group, plus those
+# answered within the result TTL (kept taken so they are never handed an old group's result).
+MEMBER_SLOTS = 8
+
+StopCheck = Callable[[], Awaitable[Optional[ServiceError]]]
 
 # The prompt as decoded inside a query is never much longer than the prompt sent with it (left
 # truncation and clean-up only shorten it; a tokenizer may add a leading space).
@@ -108,7 +139,17 @@ def split_by_prompt(request: GetRewardRequest, strip: special_tokens.Stripper) -
     return SplitRequest(list(groups.values()), fallbacks)
 
 
-def build_response(results: list[AssembledResult],
+@dataclass(frozen=True)
+class QueryResult:
+    """One query's share of its (whole or assembled) group."""
+
+    group: GroupResult
+    index: int
+    sigma_ref: Optional[float]  # the sigma-bar the group was weighted with
+    partial: bool
+
+
+def build_response(results: list[QueryResult],
                    fallbacks: list[Optional[str]]) -> GetRewardResponse:
     """Per-query rewards and verdicts; OpenRLHF turns every extra_logs entry into a tensor, so
     they are numbers only, one per query."""
@@ -126,16 +167,39 @@ def build_response(results: list[AssembledResult],
     return GetRewardResponse(rewards=rewards, scores=list(verified), extra_logs=extra_logs)
 
 
-class GetRewardScorer:
-    """Scores /get_reward traffic: request by request, or through group assembly."""
+def assembled_combine(params: HeroParams) -> Callable[[ClosedGroup], GroupResult]:
+    """The closer's HERO for one whole group: sigma-bar from the store, or (before the run's
+    first group) the group's own sigma, as a request scored alone would get."""
+    p = hero_params(params)
 
-    def __init__(self, pipeline: Pipeline, running_sigma, on_sigma, group_size: int,
-                 group_timeout_s: float, max_waiting: int) -> None:
+    def combine(closed: ClosedGroup) -> GroupResult:
+        scores = [m.rm_score for m in closed.members]
+        rm = None if any(x is None for x in scores) else [float(x) for x in scores]  # type: ignore[arg-type]
+        sigma_ref = params.sigma_ref if params.sigma_ref is not None else closed.sigma_ref
+        if sigma_ref is None:
+            sigma_ref = hero.group_sigma(rm)
+        return combine_group("hero", p, "0", [m.verifier_status for m in closed.members], rm,
+                             [m.truncated for m in closed.members], sigma_ref)
+
+    return combine
+
+
+def member_base_id(run: str, n: int, prompt: str, label: Optional[str], query: str) -> str:
+    return stable_digest("get_reward", run, n, prompt, label, query)
+
+
+class GetRewardScorer:
+    """Scores /get_reward traffic: request by request, or assembled in the group store."""
+
+    def __init__(self, pipeline: Pipeline, store: GroupStore, group_size: int,
+                 on_sigma: Callable[[str, Optional[float]], None],
+                 on_partial: Callable[[], None] = lambda: None) -> None:
         self.pipeline = pipeline
-        self.running_sigma = running_sigma
+        self.store = store
+        self.group_size = group_size
         self._on_sigma = on_sigma
-        self.assembler = (GroupAssembler(group_size, group_timeout_s, max_waiting,
-                                         self._score_one) if group_size > 0 else None)
+        self._on_partial = on_partial
+        self.parked = 0  # requests of this replica waiting for their groups
 
     def check_labels(self, request: GetRewardRequest) -> None:
         """A reference is required per query where the verifier or the RM needs one."""
@@ -157,18 +221,13 @@ class GetRewardScorer:
                     f"labels[{i}] is {what}, but {why} (OpenRLHF sends \"\" when "
                     "--data.label_key is not set)", f"labels[{i}]")
 
-    async def _score_groups(self, groups: list[Group]) -> tuple[list, Optional[float]]:
-        result = await self.pipeline.score(RewardsRequest(groups=groups), self.running_sigma.value)
-        self._on_sigma(self.running_sigma.update(g.sigma for g in result.groups))
-        return result.groups, result.sigma_ref
-
-    async def _score_one(self, prompt: str, label: Optional[str],
-                         responses: list[str]) -> ScoredGroup:
-        (group,), sigma_ref = await self._score_groups(
-            [Group(prompt=reward_model_prompt(prompt), reference=label, responses=responses)])
-        return ScoredGroup(group, sigma_ref)
-
-    async def score(self, request: GetRewardRequest) -> GetRewardResponse:
+    async def score(self, request: GetRewardRequest, *, n: Optional[int] = None,
+                    run: str = DEFAULT_RUN,
+                    should_stop: Optional[StopCheck] = None,
+                    ) -> GetRewardResponse:
+        """``n`` overrides ``--group-size`` (0: score each request whole); ``should_stop`` is
+        polled while the request waits for its group: an error it returns ends the wait (the
+        client disconnected, the replica is draining) and the members stay in the store."""
         if not request.query:
             return GetRewardResponse(rewards=[], scores=[], extra_logs={k: [] for k in LOG_KEYS})
         self.check_labels(request)
@@ -181,19 +240,127 @@ class GetRewardScorer:
                 self.pipeline.metrics.prompt_mismatches.labels(fallback).inc()
         groups = [Group(id=str(g), prompt=reward_model_prompt(q.prompt), reference=q.label,
                         responses=q.responses) for g, q in enumerate(split.groups)]
-        results: list[Optional[AssembledResult]] = [None] * len(request.query)
-        if self.assembler is None:
-            scored, sigma_ref = await self._score_groups(groups)
-            for q, group in zip(split.groups, scored):
-                for index, position in enumerate(q.positions):
-                    results[position] = AssembledResult(group, index, sigma_ref, False)
+        size = self.group_size if n is None else n
+        results: list[Optional[QueryResult]] = [None] * len(request.query)
+        if size <= 0:
+            await self._score_whole(groups, split, run, results)
         else:
-            # Validate here so one caller's bad query cannot fail the others in its group.
-            self.pipeline.check(RewardsRequest(groups=groups))
-            futures = [(q, self.assembler.add(q.prompt, q.label, q.responses))
-                       for q in split.groups]
-            for q, group_futures in futures:
-                for position, outcome in zip(q.positions, await asyncio.gather(*group_futures)):
-                    results[position] = outcome
+            await self._score_assembled(request, groups, split, run, size, results, should_stop)
         assert all(r is not None for r in results)
         return build_response(results, split.fallbacks)  # type: ignore[arg-type]
+
+    async def _score_whole(self, groups: list[Group], split: SplitRequest, run: str,
+                           results: list[Optional[QueryResult]]) -> None:
+        # One sigma-bar series per run in the store, shared by every replica; singleton groups
+        # (sigma 0 by definition) do not move it.
+        sigma_ref = await self.store.sigma_value(run)
+        scored = await self.pipeline.score(RewardsRequest(groups=groups), sigma_ref)
+        moved = await self.store.update_sigma(
+            run, [g.sigma for g in scored.groups if len(g.rewards) > 1])
+        self._on_sigma(run, moved)
+        for q, group in zip(split.groups, scored.groups):
+            for index, position in enumerate(q.positions):
+                results[position] = QueryResult(group, index, scored.sigma_ref, False)
+
+    async def _score_assembled(self, request: GetRewardRequest, groups: list[Group],
+                               split: SplitRequest, run: str, size: int,
+                               results: list[Optional[QueryResult]],
+                               should_stop) -> None:
+        rewards_request = RewardsRequest(groups=groups)
+        # Validate here so one caller's bad query cannot fail the others in its group.
+        self.pipeline.check(rewards_request)
+        # A multi-group request is admitted whole or not at all: the bound is checked for the
+        # whole request before any join (each join is all-or-nothing on its own).
+        total = len(request.query)
+        if total > self.store.max_waiting:
+            raise TooManyRollouts(total, self.store.max_waiting,
+                                  "--max-queued-rollouts, rollouts waiting for their groups",
+                                  field="query")
+        waiting = await self.store.waiting()
+        if waiting + total > self.store.max_waiting:
+            raise Overloaded(f"{waiting} rollouts waiting for their groups "
+                             f"(limit {self.store.max_waiting}); retry later")
+        local = await self.pipeline.score_locally(rewards_request)
+        self.pipeline.metrics.rollouts_scored.labels("hero").inc(local.n_rollouts)
+        async with self._attached(request, split, run, size) as member_ids:
+            joins = [self.store.join(GroupKey.for_prompt(run, q.prompt, q.label, size),
+                                     _members(local, g, q, member_ids),
+                                     assembled_combine(rewards_request.params))
+                     for g, q in enumerate(split.groups)]
+            outcomes = await self._wait(asyncio.gather(*joins), member_ids, should_stop)
+        for q, group_outcomes in zip(split.groups, outcomes):
+            for position, outcome in zip(q.positions, group_outcomes):
+                results[position] = _query_result(outcome)
+            first = group_outcomes[0]
+            if first.published_here:
+                if first.partial:
+                    self._on_partial()
+                self._on_sigma(run, await self.store.sigma_value(run))
+
+    @contextlib.asynccontextmanager
+    async def _attached(self, request: GetRewardRequest, split: SplitRequest, run: str,
+                        size: int) -> AsyncIterator[list[str]]:
+        """Member ids for the request's queries, each held by an attachment lease."""
+        held: list[str] = []
+        delivered = False
+        try:
+            ids: list[str] = [""] * len(request.query)
+            for q in split.groups:
+                for position in q.positions:
+                    base = member_base_id(run, size, q.prompt, q.label, request.query[position])
+                    candidates = [f"{base}#{k}" for k in range(MEMBER_SLOTS * size)]
+                    taken = await self.store.acquire_attachment(
+                        [c for c in candidates if c not in held], ATTACH_LEASE_S)
+                    if taken is None:
+                        raise Overloaded(f"{MEMBER_SLOTS * size} identical responses to this "
+                                         "prompt are waiting or were answered recently; retry "
+                                         "later")
+                    held.append(taken)
+                    ids[position] = taken
+            yield ids
+            delivered = True
+        finally:
+            if held:
+                try:
+                    await self.store.release_attachments(held, delivered=delivered)
+                except GroupStoreUnavailable:
+                    pass  # the leases lapse on their own
+
+    async def _wait(self, joined, member_ids: list[str], should_stop) -> list:
+        """Wait for the joins, renewing the leases; end early if ``should_stop`` says so."""
+        task = asyncio.ensure_future(joined)
+        self.parked += 1
+        try:
+            renew_at = asyncio.get_running_loop().time() + ATTACH_RENEW_S
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.25)
+                if done:
+                    return task.result()
+                if should_stop is not None:
+                    stop = await should_stop()
+                    if stop is not None:
+                        task.cancel()
+                        raise stop
+                if asyncio.get_running_loop().time() >= renew_at:
+                    renew_at += ATTACH_RENEW_S
+                    with contextlib.suppress(GroupStoreUnavailable):
+                        await self.store.renew_attachments(member_ids, ATTACH_LEASE_S)
+        finally:
+            self.parked -= 1
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+
+def _members(local: LocalScores, g: int, q: QueryGroup, member_ids: list[str]) -> list[Member]:
+    rm = local.rm_results[g]
+    return [Member(member_ids[position], verdict.status,
+                   rm.scores[i] if rm is not None else None,
+                   rm.truncated[i] if rm is not None else False)
+            for i, (position, verdict) in enumerate(zip(q.positions, local.verdicts[g]))]
+
+
+def _query_result(outcome: MemberOutcome) -> QueryResult:
+    sigma_ref = outcome.sigma_ref if outcome.sigma_ref is not None else outcome.group.sigma
+    return QueryResult(outcome.group, outcome.index, sigma_ref, outcome.partial)

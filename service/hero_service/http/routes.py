@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import get_args
+from typing import Optional, get_args
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from hero_client.schema import (
     ErrorResponse,
@@ -18,7 +18,8 @@ from hero_client.schema import (
     VerifierName,
 )
 
-from ..errors import NotReady
+from ..errors import NotReady, ServiceError
+from ..group_store.base import MAX_ID_CHARS
 from ..redaction import redact_text
 from .auth import require_api_key
 from .errors import error_response
@@ -41,14 +42,42 @@ async def rewards(body: RewardsRequest, request: Request) -> RewardsResponse:
 
 @router.post("/get_reward", response_model=GetRewardResponse, responses=_ERRORS,
              dependencies=[Depends(require_api_key)])
-async def get_reward(body: GetRewardRequest, request: Request) -> GetRewardResponse:
+async def get_reward(
+    body: GetRewardRequest, request: Request,
+    n: Optional[int] = Query(None, ge=0, description="group size for this trainer (overrides "
+                             "--group-size; 0: score each request whole)"),
+    run: str = Query("default", min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[^\x00-\x1f]+$",
+                     description="names the server-side sigma-bar series"),
+) -> GetRewardResponse:
     """OpenRLHF ``--reward.remote_url`` endpoint. Groups are the queries sharing a prompt (and
-    label); with ``--group-size`` they may arrive across requests. sigma_ref is the server's
-    running mean (OpenRLHF cannot send one). ``scores`` are the verdicts (1.0 verified, else 0.0),
-    ``rewards`` the HERO rewards; see ``http/openrlhf.py`` for prompts, labels and EOS text."""
+    label); with a group size (``--group-size`` or ``?n=``) they may arrive across requests and
+    replicas. sigma_ref is the run's server-side running mean (``?run=``; OpenRLHF cannot send
+    one). ``scores`` are the verdicts (1.0 verified, else 0.0), ``rewards`` the HERO rewards; see
+    ``http/openrlhf.py`` for prompts, labels, EOS text and member ids."""
     service = _service(request)
-    service.require_pipeline()
-    return await service.get_reward_scorer.score(body)
+    pipeline = service.require_pipeline()
+    if n is not None and n > pipeline.settings.max_responses_per_group:
+        from ..errors import InputError
+
+        raise InputError(f"n={n}; the limit is {pipeline.settings.max_responses_per_group} "
+                         "(--max-responses-per-group)", "n")
+    service.require_group_store()
+
+    async def should_stop() -> Optional[ServiceError]:
+        # Parked requests answer 503 + Retry-After at once on SIGTERM (their members stay in
+        # the store: the client's retry re-attaches elsewhere), and let go of their member ids
+        # when their client is gone (so its re-sent request re-attaches to them).
+        if service.draining:
+            return _Draining("service is draining (shutting down); re-send to another replica")
+        if await request.is_disconnected():
+            return _Draining("client disconnected")
+        return None
+
+    return await service.get_reward_scorer.score(body, n=n, run=run, should_stop=should_stop)
+
+
+class _Draining(NotReady):
+    retry_after_s = 1
 
 
 @router.get("/healthz")
@@ -61,15 +90,28 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> Response:
     """Readiness: model loaded, verifier pool up, not draining."""
     service = _service(request)
-    if service.ready():
+    reason = await service.not_ready_reason()
+    if reason is None:
         return Response('{"status":"ready"}', media_type="application/json")
-    reason = "draining" if service.draining else "starting"
     return error_response(503, NotReady.code, f"not ready: {reason}")
 
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    m = _service(request).metrics
+    service = _service(request)
+    m = service.metrics
+    store = service.group_store
+    stats = store.stats()
+    for op, count in stats.round_trips.items():
+        m.group_store_round_trips.labels(op).set(count)
+    m.group_store_members.set(stats.members)
+    if service.get_reward_scorer is not None:
+        m.group_waiting_requests.set(service.get_reward_scorer.parked)
+    if service.group_store_started:
+        try:
+            m.group_waiting_members.set(await store.waiting())
+        except ServiceError:
+            pass  # the store is down: /readyz says so; the metrics still answer
     return Response(m.render(), media_type=m.content_type)
 
 
@@ -90,4 +132,15 @@ async def info(request: Request) -> InfoResponse:
             max_body_bytes=s.max_body_bytes, max_groups=s.max_groups,
             max_responses_per_group=s.max_responses_per_group,
             max_response_chars=s.max_response_chars, max_queued_rollouts=s.max_queued_rollouts),
+        running_sigma_ref=await _sigma_values(service),
+        group_store=service.group_store.name,
     )
+
+
+async def _sigma_values(service) -> dict[str, float]:
+    if not service.group_store_started:
+        return {}
+    try:
+        return await service.group_store.sigma_values()
+    except ServiceError:
+        return {}  # /v1/info stays up while the store is down

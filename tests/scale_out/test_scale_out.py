@@ -1,0 +1,111 @@
+"""Scale-out acceptance (issue 11): a real redis-server and THREE service processes sharing it as
+their group store. OpenRLHF's own ``SingleTurnAgentExecutor`` with the list of the three URLs
+sends one query per call, rotating over the replicas, so every group's members land on several
+replicas; each group must be scored whole and once, equal to HERO of the whole group."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from redis_support import RedisServer  # noqa: E402
+from support import ServerProcess  # noqa: E402
+
+from openrlhf.utils import agent  # noqa: E402  (installed --no-deps by make test)
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def replicas():
+    with RedisServer() as redis:
+        servers = [ServerProcess(["--group-store", redis.url, "--group-size", str(N),
+                                  "--group-timeout-s", "60", "--verifier-workers", "1"])
+                   for _ in range(3)]
+        try:
+            for server in servers:
+                server.start()
+            yield servers
+        finally:
+            for server in servers:
+                server.stop()
+
+
+def one_query_per_call(urls: list[str], calls: list[tuple[str, str, str]]) -> list[dict]:
+    executor = agent.SingleTurnAgentExecutor(remote_rm_url=[u + "/get_reward" for u in urls])
+
+    async def run():
+        # exactly what OpenRLHF does per finished sample: one query, its prompt and its label
+        return await asyncio.gather(*(executor._fetch_rewards_via_http([q], [p], [l])
+                                      for p, q, l in calls))
+
+    return [result[0] for result in asyncio.run(run())]
+
+
+def whole_group(url: str, prompt: str, label: str, responses: list[str], sigma_ref: float,
+                rm_scores=None) -> dict:
+    r = httpx.post(url + "/v1/rewards", timeout=120, json={
+        "params": {"sigma_ref": sigma_ref},
+        "groups": [{"prompt": prompt, "reference": label, "responses": responses,
+                    "rm_scores": rm_scores}]})
+    assert r.status_code == 200, r.text
+    return r.json()["groups"][0]
+
+
+def check_group(url: str, prompt: str, label: str, responses: list[str],
+                answers: list[dict]) -> None:
+    logs = [a["extra_logs"] for a in answers]
+    assert all(log["partial"] == [0.0] for log in logs)  # whole, never partial
+    weights = {log["hero_weight"][0] for log in logs}
+    sigma_refs = {log["sigma_ref"][0] for log in logs}
+    assert len(weights) == 1 and len(sigma_refs) == 1  # scored once: one weight, one sigma-bar
+    sigma_ref = sigma_refs.pop()
+    # HERO of the whole group, from the RM scores the replicas computed, to the last bit...
+    rm_scores = [log["rm_score"][0] for log in logs]
+    direct = whole_group(url, prompt, label, responses, sigma_ref, rm_scores)
+    assert [a["rewards"][0] for a in answers] == pytest.approx(direct["rewards"], abs=1e-9)
+    assert [a["scores"][0] for a in answers] == [float(v) for v in direct["verified"]]
+    assert weights.pop() == pytest.approx(direct["weight"])
+    # ...and those are the RM's scores of these responses (another batch composition on another
+    # process: float32 noise only).
+    rescored = whole_group(url, prompt, label, responses, sigma_ref)
+    assert rm_scores == pytest.approx(rescored["rm_scores"], abs=1e-5)
+
+
+def test_openrlhf_over_three_replicas_gets_whole_groups(replicas, dev_rows):
+    urls = [s.url for s in replicas]
+    rows = [r for r in dev_rows if 0 < sum(r["grader_correct"]) < N][:3]  # mixed groups
+    calls = [(k, j) for k in range(len(rows)) for j in range(N)]
+    random.Random(7).shuffle(calls)  # groups interleaved, as vLLM finishes samples
+    answers = one_query_per_call(urls, [(rows[k]["prompt"], rows[k]["prompt"]
+                                         + rows[k]["responses"][j], rows[k]["reference"])
+                                        for k, j in calls])
+    for k, row in enumerate(rows):
+        mine = [a for (_, j), a in sorted(((c, a) for c, a in zip(calls, answers) if c[0] == k),
+                                          key=lambda x: x[0][1])]
+        check_group(urls[k % 3], row["prompt"], row["reference"], row["responses"][:N], mine)
+    # one sigma-bar series per run, shared: every replica reports the same value
+    infos = [httpx.get(u + "/v1/info", timeout=10).json() for u in urls]
+    values = [info["running_sigma_ref"] for info in infos]
+    assert values[0].get("default", 0) > 0 and all(v == values[0] for v in values)
+    assert all(info["group_store"] == "redis" for info in infos)
+
+
+def test_identical_responses_are_separate_members(replicas, dev_rows):
+    """Short answers repeat: OpenRLHF then sends identical bodies, which must be N members, not
+    one (the group would otherwise wait out its deadline and close partial)."""
+    urls = [s.url for s in replicas]
+    row = next(r for r in dev_rows if 0 < sum(r["grader_correct"]) < N)
+    correct = next(x for x, ok in zip(row["responses"], row["grader_correct"]) if ok)
+    wrong = next(x for x, ok in zip(row["responses"], row["grader_correct"]) if not ok)
+    responses = [correct] * 5 + [wrong] * 3
+    answers = one_query_per_call(urls, [(row["prompt"], row["prompt"] + x, row["reference"])
+                                        for x in responses])
+    check_group(urls[0], row["prompt"], row["reference"], responses, answers)
