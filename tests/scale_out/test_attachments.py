@@ -39,15 +39,16 @@ def test_attachment_rule(kind, redis_url):
         try:
             first = await a.acquire_attachment(ids, 5.0)
             second = await b.acquire_attachment(ids, 5.0)  # an identical body, another replica
-            assert (first, second) == ("m#0", "m#1")
-            await a.release_attachments([first])  # no answer reached its client
-            assert await b.acquire_attachment(ids, 5.0) == "m#0"  # its retry re-attaches
+            assert (first, second) == (("m#0", False), ("m#1", True))  # m#0 held: contended
+            await a.release_attachments(["m#0"])  # no answer reached its client
+            assert await b.acquire_attachment(ids, 5.0) == ("m#0", False)  # its retry re-attaches
             await b.release_attachments(["m#0", "m#1"], delivered=True)
-            assert await a.acquire_attachment(ids, 5.0) == "m#2"  # answered ids stay taken
-            assert await a.acquire_attachment(ids, 0.2) == "m#3"
-            assert await a.acquire_attachment(ids, 5.0) is None  # every slot held
+            # answered ids stay taken, without making the next one wait
+            assert await a.acquire_attachment(ids, 5.0) == ("m#2", False)
+            assert await a.acquire_attachment(ids, 0.2) == ("m#3", True)
+            assert await a.acquire_attachment(ids, 5.0) == (None, True)  # every slot held
             await asyncio.sleep(0.4)
-            assert await b.acquire_attachment(ids, 5.0) == "m#3"  # a lapsed lease frees it
+            assert await b.acquire_attachment(ids, 5.0) == ("m#3", True)  # a lapsed lease frees it
         finally:
             for s in stores:
                 await s.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -109,3 +110,50 @@ def test_identical_responses_are_separate_members(replicas, dev_rows):
     answers = one_query_per_call(urls, [(row["prompt"], row["prompt"] + x, row["reference"])
                                         for x in responses])
     check_group(urls[0], row["prompt"], row["reference"], responses, answers)
+
+
+def test_a_replica_killed_mid_group_its_callers_re_send_to_a_survivor(dev_rows):
+    """Half a group parks on replica A, which is SIGKILLed; those callers re-send their bodies
+    to B (as a Kubernetes Service would route a retry), the other half goes to C: the group is
+    scored whole, each member once (the dead replica's members are re-attached, not added)."""
+    row = next(r for r in dev_rows[10:] if 0 < sum(r["grader_correct"]) < N)
+    bodies = [{"query": [row["prompt"] + x], "prompts": [row["prompt"]],
+               "labels": [row["reference"]]} for x in row["responses"][:N]]
+    with RedisServer() as redis:
+        flags = ["--group-store", redis.url, "--group-size", str(N), "--group-timeout-s", "90",
+                 "--verifier-workers", "1"]
+        a, b, c = (ServerProcess(flags) for _ in range(3))
+        try:
+            for server in (a, b, c):
+                server.start()
+
+            async def go():
+                async with httpx.AsyncClient(timeout=120) as client:
+                    doomed = [asyncio.ensure_future(client.post(a.url + "/get_reward", json=x))
+                              for x in bodies[:4]]
+                    for _ in range(300):  # until A's four requests are parked in the store
+                        m = (await client.get(a.url + "/metrics")).text
+                        if "hero_group_waiting_requests 4.0" in m:
+                            break
+                        await asyncio.sleep(0.1)
+                    else:
+                        raise AssertionError("A's requests never parked")
+                    a.proc.kill()
+                    lost = await asyncio.gather(*doomed, return_exceptions=True)
+                    assert all(isinstance(x, httpx.TransportError) for x in lost), lost
+                    answers = await asyncio.gather(
+                        *(client.post(b.url + "/get_reward", json=x) for x in bodies[:4]),
+                        *(client.post(c.url + "/get_reward", json=x) for x in bodies[4:]))
+                    return answers
+
+            started = time.monotonic()
+            answers = asyncio.run(go())
+            took = time.monotonic() - started
+            assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+            check_group(b.url, row["prompt"], row["reference"], row["responses"][:N],
+                        [r.json() for r in answers])
+            assert took < 60, took  # closed when whole, not at its 90 s deadline
+        finally:
+            for server in (a, b, c):
+                if server.proc is not None and server.proc.poll() is None:
+                    server.stop()

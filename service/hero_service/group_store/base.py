@@ -462,8 +462,12 @@ class GroupStore(abc.ABC):
     # replica died, so its lease lapsed) re-attaches to the same id.
 
     @abc.abstractmethod
-    async def acquire_attachment(self, candidates: Sequence[str], lease_s: float) -> Optional[str]:
-        """Take the first candidate no one holds, for ``lease_s``; None if all are held."""
+    async def acquire_attachment(self, candidates: Sequence[str],
+                                 lease_s: float) -> tuple[Optional[str], bool]:
+        """Take the first candidate no one holds, for ``lease_s`` (None if all are held); and
+        whether an earlier candidate is held by a live lease (not a delivered id), in which case
+        the caller may be a retry whose first attempt's replica died: it should let go, wait
+        one lease and try again, so a dead replica's lease lapses before it picks."""
 
     @abc.abstractmethod
     async def renew_attachments(self, names: Sequence[str], lease_s: float) -> None:

@@ -47,7 +47,8 @@ class MemoryBackend:
         self._seq = itertools.count()
         self.sigma: dict[str, SigmaState] = {}
         self._listeners: list[Callable[[str, str, bool], None]] = []
-        self.attachments: dict[str, float] = {}  # member id -> lease end (clock seconds)
+        # member id -> (lease end in clock seconds, delivered)
+        self.attachments: dict[str, tuple[float, bool]] = {}
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -218,33 +219,37 @@ class MemoryGroupStore(GroupStore):
     async def waiting(self) -> int:
         return self.backend.waiting
 
-    async def acquire_attachment(self, candidates: Sequence[str], lease_s: float) -> Optional[str]:
+    async def acquire_attachment(self, candidates: Sequence[str],
+                                 lease_s: float) -> tuple[Optional[str], bool]:
         self._stats.round_trips["attach"] += 1
         now = self.backend.clock()
         held = self.backend.attachments
+        contended = False
         for name in candidates:
-            if held.get(name, 0.0) <= now:
-                held[name] = now + lease_s
-                return name
-        return None
+            until, delivered = held.get(name, (0.0, False))
+            if until <= now:
+                held[name] = (now + lease_s, False)
+                return name, contended
+            contended = contended or not delivered
+        return None, contended
 
     async def renew_attachments(self, names: Sequence[str], lease_s: float) -> None:
         self._stats.round_trips["attach_renew"] += 1
         until = self.backend.clock() + lease_s
         for name in names:
-            self.backend.attachments[name] = until
+            self.backend.attachments[name] = (until, False)
 
     async def release_attachments(self, names: Sequence[str], delivered: bool = False) -> None:
         self._stats.round_trips["attach_release"] += 1
         for name in names:
             if delivered:
-                self.backend.attachments[name] = self.backend.clock() + self.result_ttl_s
+                self.backend.attachments[name] = (self.backend.clock() + self.result_ttl_s, True)
             else:
                 self.backend.attachments.pop(name, None)
         # Lapsed leases of requests that never released (bounded by live traffic).
         now = self.backend.clock()
         if len(self.backend.attachments) > 4 * self.max_waiting:
-            for name, until in list(self.backend.attachments.items()):
+            for name, (until, _) in list(self.backend.attachments.items()):
                 if until <= now:
                     del self.backend.attachments[name]
 

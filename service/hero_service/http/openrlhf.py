@@ -13,7 +13,9 @@ per request: ``{"query": [q], "prompts": [p], "labels": [l]}`` where ``q`` =
   ``default``).
 - **Member ids.** digest(run, n, prompt, label, query) + ``#k``, k the first index whose
   attachment lease no live request holds (the lease is renewed while the request waits and
-  dropped when it ends or its client disconnects). Two identical samples, which OpenRLHF sends
+  dropped when it ends or its client disconnects; a request that finds an earlier id held by a
+  live lease waits one lease before it picks, so a dead replica's lease lapses first and its
+  caller's retry re-attaches). Two identical samples, which OpenRLHF sends
   as two identical bodies, are two members; a re-sent body (the first attempt's client gone, or
   its replica dead and the lease lapsed) re-attaches to its member. A member whose answer was
   delivered keeps its id taken for the result TTL, so the same (prompt, label, query) sampled
@@ -67,8 +69,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RUN = "default"
 # Attachment leases: long enough to outlive a slow round trip, renewed well inside.
-ATTACH_LEASE_S = 10.0
-ATTACH_RENEW_S = 2.0
+ATTACH_LEASE_S = 3.0
+ATTACH_RENEW_S = 1.0
 # Ids per (prompt, label, query) and group size: identical samples in one group, plus those
 # answered within the result TTL (kept taken so they are never handed an old group's result).
 MEMBER_SLOTS = 8
@@ -308,9 +310,20 @@ class GetRewardScorer:
             for q in split.groups:
                 for position in q.positions:
                     base = member_base_id(run, size, q.prompt, q.label, request.query[position])
-                    candidates = [f"{base}#{k}" for k in range(MEMBER_SLOTS * size)]
-                    taken = await self.store.acquire_attachment(
-                        [c for c in candidates if c not in held], ATTACH_LEASE_S)
+                    candidates = [f"{base}#{k}" for k in range(MEMBER_SLOTS * size)
+                                  if f"{base}#{k}" not in held]
+                    taken, contended = await self.store.acquire_attachment(
+                        candidates, ATTACH_LEASE_S)
+                    if contended:
+                        # An earlier id is held: by a live identical sample, or by the first
+                        # attempt of this very request on a replica that died. Let go, wait
+                        # out one lease (a dead holder's lapses, a live one's is renewed),
+                        # then pick: a retry re-attaches instead of adding a member.
+                        if taken is not None:
+                            await self.store.release_attachments([taken])
+                        await asyncio.sleep(ATTACH_LEASE_S + ATTACH_RENEW_S)
+                        taken, _ = await self.store.acquire_attachment(
+                            candidates, ATTACH_LEASE_S)
                     if taken is None:
                         raise Overloaded(f"{MEMBER_SLOTS * size} identical responses to this "
                                          "prompt are waiting or were answered recently; retry "
@@ -342,7 +355,7 @@ class GetRewardScorer:
                         task.cancel()
                         raise stop
                 if asyncio.get_running_loop().time() >= renew_at:
-                    renew_at += ATTACH_RENEW_S
+                    renew_at = asyncio.get_running_loop().time() + ATTACH_RENEW_S
                     with contextlib.suppress(GroupStoreUnavailable):
                         await self.store.renew_attachments(member_ids, ATTACH_LEASE_S)
         finally:
