@@ -111,6 +111,10 @@ class Pipeline:
         needs_rm = request.mode != "verifier"
         for g, group in enumerate(request.groups):
             where = f"groups[{g}]"
+            if group.group_size is not None and group.group_size > s.max_responses_per_group:
+                raise InputError(
+                    f"group_size {group.group_size}; the limit is {s.max_responses_per_group}",
+                    f"{where}.group_size")
             if len(group.responses) > s.max_responses_per_group:
                 raise InputError(
                     f"{len(group.responses)} responses; the limit is {s.max_responses_per_group}",

@@ -176,6 +176,11 @@ class Group(_Request):
     rm_scores: Optional[list[float]] = Field(
         None, description="bring your own RM scores (one per response); skips the service's RM"
     )
+    group_key: Optional[str] = Field(
+        None, min_length=1, max_length=256, description="this group is a piece of a larger "
+        "one: pieces with the same key (and group_size) are scored as one group")
+    group_size: Optional[int] = Field(
+        None, ge=1, description="the whole group's size N (with group_key)")
 
     @field_validator("rm_scores")
     @classmethod
@@ -188,6 +193,12 @@ class Group(_Request):
             raise ValueError(
                 f"rm_scores has {len(self.rm_scores)} values for {len(self.responses)} responses"
             )
+        if (self.group_key is None) != (self.group_size is None):
+            raise ValueError("group_key and group_size come together (a piece of a group "
+                             "names its group and the group's size), or neither")
+        if self.group_size is not None and self.group_size < len(self.responses):
+            raise ValueError(f"group_size {self.group_size} is smaller than this piece's "
+                             f"{len(self.responses)} responses")
         return self
 
 

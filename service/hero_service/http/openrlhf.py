@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence, Union
 
 from hero_client.schema import (
-    GetRewardRequest, GetRewardResponse, Group, GroupResult, HeroParams, RewardsRequest,
+    GetRewardRequest, GetRewardResponse, Group, GroupResult, HeroParams, Mode, RewardsRequest,
 )
 
 from .. import hero, special_tokens
@@ -169,7 +169,8 @@ def build_response(results: list[QueryResult],
     return GetRewardResponse(rewards=rewards, scores=list(verified), extra_logs=extra_logs)
 
 
-def assembled_combine(params: HeroParams) -> Callable[[ClosedGroup], GroupResult]:
+def assembled_combine(params: HeroParams,
+                      mode: Mode = "hero") -> Callable[[ClosedGroup], GroupResult]:
     """The closer's HERO for one whole group: sigma-bar from the store, or (before the run's
     first group) the group's own sigma, as a request scored alone would get."""
     p = hero_params(params)
@@ -180,7 +181,7 @@ def assembled_combine(params: HeroParams) -> Callable[[ClosedGroup], GroupResult
         sigma_ref = params.sigma_ref if params.sigma_ref is not None else closed.sigma_ref
         if sigma_ref is None:
             sigma_ref = hero.group_sigma(rm)
-        return combine_group("hero", p, "0", [m.verifier_status for m in closed.members], rm,
+        return combine_group(mode, p, "0", [m.verifier_status for m in closed.members], rm,
                              [m.truncated for m in closed.members], sigma_ref)
 
     return combine
@@ -289,7 +290,7 @@ class GetRewardScorer:
                                      _members(local, g, q, member_ids),
                                      assembled_combine(rewards_request.params))
                      for g, q in enumerate(split.groups)]
-            outcomes = await self._wait(asyncio.gather(*joins), member_ids, should_stop)
+            outcomes = await self.wait_for(asyncio.gather(*joins), member_ids, should_stop)
         for q, group_outcomes in zip(split.groups, outcomes):
             for position, outcome in zip(q.positions, group_outcomes):
                 results[position] = _query_result(outcome)
@@ -302,35 +303,41 @@ class GetRewardScorer:
     @contextlib.asynccontextmanager
     async def _attached(self, request: GetRewardRequest, split: SplitRequest, run: str,
                         size: int) -> AsyncIterator[list[str]]:
-        """Member ids for the request's queries, each held by an attachment lease."""
+        """Member ids for the request's queries (in query order)."""
+        bases = [""] * len(request.query)
+        for q in split.groups:
+            for position in q.positions:
+                bases[position] = member_base_id(run, size, q.prompt, q.label,
+                                                 request.query[position])
+        async with self.attached_ids(bases, size) as ids:
+            yield ids
+
+    @contextlib.asynccontextmanager
+    async def attached_ids(self, bases: Sequence[str], size: int) -> AsyncIterator[list[str]]:
+        """One member id per base id (``base#k``), each held by an attachment lease."""
         held: list[str] = []
         delivered = False
         try:
-            ids: list[str] = [""] * len(request.query)
-            for q in split.groups:
-                for position in q.positions:
-                    base = member_base_id(run, size, q.prompt, q.label, request.query[position])
-                    candidates = [f"{base}#{k}" for k in range(MEMBER_SLOTS * size)
-                                  if f"{base}#{k}" not in held]
-                    taken, contended = await self.store.acquire_attachment(
-                        candidates, ATTACH_LEASE_S)
-                    if contended:
-                        # An earlier id is held: by a live identical sample, or by the first
-                        # attempt of this very request on a replica that died. Let go, wait
-                        # out one lease (a dead holder's lapses, a live one's is renewed),
-                        # then pick: a retry re-attaches instead of adding a member.
-                        if taken is not None:
-                            await self.store.release_attachments([taken])
-                        await asyncio.sleep(ATTACH_LEASE_S + ATTACH_RENEW_S)
-                        taken, _ = await self.store.acquire_attachment(
-                            candidates, ATTACH_LEASE_S)
-                    if taken is None:
-                        raise Overloaded(f"{MEMBER_SLOTS * size} identical responses to this "
-                                         "prompt are waiting or were answered recently; retry "
-                                         "later")
-                    held.append(taken)
-                    ids[position] = taken
-            yield ids
+            for base in bases:
+                candidates = [f"{base}#{k}" for k in range(MEMBER_SLOTS * size)
+                              if f"{base}#{k}" not in held]
+                taken, contended = await self.store.acquire_attachment(
+                    candidates, ATTACH_LEASE_S)
+                if contended:
+                    # An earlier id is held: by a live identical sample, or by the first
+                    # attempt of this very request on a replica that died. Let go, wait
+                    # out one lease (a dead holder's lapses, a live one's is renewed),
+                    # then pick: a retry re-attaches instead of adding a member.
+                    if taken is not None:
+                        await self.store.release_attachments([taken])
+                    await asyncio.sleep(ATTACH_LEASE_S + ATTACH_RENEW_S)
+                    taken, _ = await self.store.acquire_attachment(candidates, ATTACH_LEASE_S)
+                if taken is None:
+                    raise Overloaded(f"{MEMBER_SLOTS * size} identical responses to this "
+                                     "prompt are waiting or were answered recently; retry "
+                                     "later")
+                held.append(taken)
+            yield list(held)
             delivered = True
         finally:
             if held:
@@ -339,7 +346,7 @@ class GetRewardScorer:
                 except GroupStoreUnavailable:
                     pass  # the leases lapse on their own
 
-    async def _wait(self, joined, member_ids: list[str], should_stop) -> list:
+    async def wait_for(self, joined, member_ids: list[str], should_stop) -> list:
         """Wait for the joins, renewing the leases; end early if ``should_stop`` says so."""
         task = asyncio.ensure_future(joined)
         self.parked += 1

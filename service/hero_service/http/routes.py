@@ -23,6 +23,7 @@ from ..group_store.base import MAX_ID_CHARS
 from ..redaction import redact_text
 from .auth import require_api_key
 from .errors import error_response
+from .pieces import has_pieces, score_rewards_with_pieces
 
 router = APIRouter()
 
@@ -35,9 +36,35 @@ def _service(request: Request):  # -> Service (imported lazily to avoid a cycle)
 
 @router.post("/v1/rewards", response_model=RewardsResponse, responses=_ERRORS,
              dependencies=[Depends(require_api_key)])
-async def rewards(body: RewardsRequest, request: Request) -> RewardsResponse:
-    """Score prompt groups: verifier verdicts + RM scores → HERO rewards and advantages."""
-    return await _service(request).require_pipeline().score(body)
+async def rewards(
+    body: RewardsRequest, request: Request,
+    run: str = Query("default", min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[^\x00-\x1f]+$",
+                     description="names the server-side sigma-bar series (pieces only)"),
+) -> RewardsResponse:
+    """Score prompt groups: verifier verdicts + RM scores → HERO rewards and advantages. Groups
+    with ``group_key`` + ``group_size`` are pieces, assembled with the other pieces of their
+    group (on any replica) before HERO is computed; each caller gets its own entries."""
+    service = _service(request)
+    pipeline = service.require_pipeline()
+    if not has_pieces(body):
+        return await pipeline.score(body)
+    store = service.require_group_store()
+    return await score_rewards_with_pieces(pipeline, store, service.get_reward_scorer, body,
+                                           run, _stop_check(service, request))
+
+
+def _stop_check(service, request: Request):
+    async def should_stop() -> Optional[ServiceError]:
+        # Parked requests answer 503 + Retry-After at once on SIGTERM (their members stay in
+        # the store: the client's retry re-attaches elsewhere), and let go of their member ids
+        # when their client is gone (so its re-sent request re-attaches to them).
+        if service.draining:
+            return _Draining("service is draining (shutting down); re-send to another replica")
+        if await request.is_disconnected():
+            return _Draining("client disconnected")
+        return None
+
+    return should_stop
 
 
 @router.post("/get_reward", response_model=GetRewardResponse, responses=_ERRORS,
@@ -62,18 +89,8 @@ async def get_reward(
         raise InputError(f"n={n}; the limit is {pipeline.settings.max_responses_per_group} "
                          "(--max-responses-per-group)", "n")
     service.require_group_store()
-
-    async def should_stop() -> Optional[ServiceError]:
-        # Parked requests answer 503 + Retry-After at once on SIGTERM (their members stay in
-        # the store: the client's retry re-attaches elsewhere), and let go of their member ids
-        # when their client is gone (so its re-sent request re-attaches to them).
-        if service.draining:
-            return _Draining("service is draining (shutting down); re-send to another replica")
-        if await request.is_disconnected():
-            return _Draining("client disconnected")
-        return None
-
-    return await service.get_reward_scorer.score(body, n=n, run=run, should_stop=should_stop)
+    return await service.get_reward_scorer.score(body, n=n, run=run,
+                                                 should_stop=_stop_check(service, request))
 
 
 class _Draining(NotReady):

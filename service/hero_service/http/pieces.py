@@ -1,0 +1,99 @@
+"""/v1/rewards groups sent in pieces (``group_key`` + ``group_size``): verl's per-sample reward
+loop, TRL on several processes. Each piece is verified and RM-scored here; its per-response
+results meet the other pieces of its group in the group store (the same join as /get_reward's),
+and each caller gets a GroupResult with its own responses' entries, the whole group's sigma and
+weight, and ``partial``. Groups without a key in the same request are scored whole as ever."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Optional
+
+from hero_client.schema import Group, GroupResult, RewardsRequest, RewardsResponse
+
+from ..errors import Overloaded, TooManyRollouts
+from ..group_store import GroupKey, GroupStore, Member, MemberOutcome, stable_digest
+from ..pipeline import Pipeline
+from .openrlhf import DEFAULT_RUN, GetRewardScorer, StopCheck, assembled_combine
+
+
+def has_pieces(request: RewardsRequest) -> bool:
+    return any(g.group_key is not None for g in request.groups)
+
+
+def piece_result(group: Group, g: int, outcomes: list[MemberOutcome]) -> GroupResult:
+    """The caller's own entries of its closed group, in its piece's order."""
+    whole = outcomes[0].group
+    idx = [o.index for o in outcomes]
+
+    def pick(values):
+        return None if values is None else [values[i] for i in idx]
+
+    return GroupResult(
+        id=group.id if group.id is not None else str(g), sigma=whole.sigma, weight=whole.weight,
+        rewards=pick(whole.rewards), advantages=pick(whole.advantages),
+        verified=pick(whole.verified), verifier_status=pick(whole.verifier_status),
+        rm_scores=pick(whole.rm_scores), normalized=pick(whole.normalized),
+        truncated=pick(whole.truncated), partial=outcomes[0].partial)
+
+
+async def score_rewards_with_pieces(pipeline: Pipeline, store: GroupStore,
+                                    scorer: GetRewardScorer, request: RewardsRequest,
+                                    run: str = DEFAULT_RUN,
+                                    should_stop: Optional[StopCheck] = None) -> RewardsResponse:
+    started = time.perf_counter()
+    verifier = pipeline.check(request)
+    pieces = [g for g, group in enumerate(request.groups) if group.group_key is not None]
+    waiting_rollouts = sum(len(request.groups[g].responses) for g in pieces)
+    # Admitted whole or not at all (each join is all-or-nothing on its own).
+    if waiting_rollouts > store.max_waiting:
+        raise TooManyRollouts(waiting_rollouts, store.max_waiting,
+                              "--max-queued-rollouts, rollouts waiting for their groups")
+    waiting = await store.waiting()
+    if waiting + waiting_rollouts > store.max_waiting:
+        raise Overloaded(f"{waiting} rollouts waiting for their groups "
+                         f"(limit {store.max_waiting}); retry later")
+    local = await pipeline.score_locally(request)
+    whole = [g for g in range(len(request.groups)) if g not in pieces]
+    results: list[Optional[GroupResult]] = [None] * len(request.groups)
+    sigma_ref = request.params.sigma_ref
+    if whole:
+        sub = RewardsRequest(request_id=request.request_id, mode=request.mode,
+                             verifier=request.verifier, params=request.params,
+                             groups=[request.groups[g] for g in whole])
+        combined = pipeline._combine(sub, verifier, [local.verdicts[g] for g in whole],
+                                     [local.rm_results[g] for g in whole], None)
+        sigma_ref = combined.sigma_ref
+        for g, result in zip(whole, combined.groups):
+            results[g] = result.model_copy(update={"id": request.groups[g].id or str(g)})
+    bases = []
+    for g in pieces:
+        group = request.groups[g]
+        for response in group.responses:
+            bases.append(stable_digest("piece", run, group.group_key, group.group_size,
+                                       group.reference, response))
+    async with scorer.attached_ids(bases, max(request.groups[g].group_size for g in pieces)) \
+            as ids:
+        joins, at = [], 0
+        for g in pieces:
+            group = request.groups[g]
+            rm = local.rm_results[g]
+            members = [Member(ids[at + i], v.status, rm.scores[i] if rm else None,
+                              rm.truncated[i] if rm else False)
+                       for i, v in enumerate(local.verdicts[g])]
+            at += len(members)
+            joins.append(store.join(
+                GroupKey.for_group_key(run, group.group_key, group.group_size), members,
+                assembled_combine(request.params, request.mode)))
+        outcomes = await scorer.wait_for(asyncio.gather(*joins), ids, should_stop)
+    for g, group_outcomes in zip(pieces, outcomes):
+        results[g] = piece_result(request.groups[g], g, group_outcomes)
+        if sigma_ref is None:
+            o = group_outcomes[0]
+            sigma_ref = o.sigma_ref if o.sigma_ref is not None else o.group.sigma
+    pipeline.metrics.rollouts_scored.labels(request.mode).inc(local.n_rollouts)
+    return RewardsResponse(
+        request_id=request.request_id, mode=request.mode,
+        reward_model=pipeline.reward_model.model_id, verifier=verifier.name,  # type: ignore[arg-type]
+        sigma_ref=sigma_ref, groups=results, timings_ms=local.timings(started))
