@@ -273,12 +273,8 @@ def test_full_queue_is_429_but_a_request_larger_than_the_queue_is_413():
     assert len(scored) == 6
 
 
-def test_backend_down_fails_the_whole_batch_with_one_call_not_a_bisection():
-    model = RecordingModel()
-    model.down = True
-    metrics = Metrics()
-    batcher = make_batcher(model, max_batch_tokens=4096, max_wait_ms=0, metrics=metrics)
-    texts = [f"answer number {i}" for i in range(64)]
+def outcomes_then_stop(batcher, model, texts: list[str]) -> list:
+    """Submit ``texts`` at once, collect each item's score or error, then stop the batcher."""
 
     async def go():
         return await asyncio.gather(*(asyncio.shield(f) for f in
@@ -286,9 +282,18 @@ def test_backend_down_fails_the_whole_batch_with_one_call_not_a_bisection():
                                     return_exceptions=True)
 
     try:
-        outcomes = asyncio.run(go())
+        return asyncio.run(go())
     finally:
         batcher.stop()
+
+
+def test_backend_down_fails_the_whole_batch_with_one_call_not_a_bisection():
+    model = RecordingModel()
+    model.down = True
+    metrics = Metrics()
+    batcher = make_batcher(model, max_batch_tokens=4096, max_wait_ms=0, metrics=metrics)
+    texts = [f"answer number {i}" for i in range(64)]
+    outcomes = outcomes_then_stop(batcher, model, texts)
     assert all(isinstance(o, RewardModelUnavailable) for o in outcomes)
     assert "timed out after 2s" in str(outcomes[0])
     assert model.calls == 1  # bisecting 64 items would have been 127 calls
@@ -302,16 +307,7 @@ def test_open_breaker_fails_the_rest_of_a_round_without_calls():
     model.down = True
     batcher = make_batcher(model, max_batch_tokens=8, max_wait_ms=0)  # several batches a round
     texts = [text(4, f"t{i}") for i in range(12)]
-
-    async def go():
-        return await asyncio.gather(*(asyncio.shield(f) for f in
-                                      batcher.submit(model.encode(items(texts)))),
-                                    return_exceptions=True)
-
-    try:
-        outcomes = asyncio.run(go())
-    finally:
-        batcher.stop()
+    outcomes = outcomes_then_stop(batcher, model, texts)
     assert all(isinstance(o, RewardModelUnavailable) for o in outcomes)
     assert model.calls == 1
     assert sum("circuit breaker open" in str(o) for o in outcomes) == 10  # 6 batches of 2
@@ -404,16 +400,7 @@ def test_input_specific_failures_still_bisect_and_leave_the_breaker_closed():
     metrics = Metrics()
     batcher = make_batcher(model, max_batch_tokens=4096, max_wait_ms=0, metrics=metrics)
     texts = [f"fine {i}" for i in range(7)] + ["poison"]
-
-    async def go():
-        return await asyncio.gather(*(asyncio.shield(f) for f in
-                                      batcher.submit(model.encode(items(texts)))),
-                                    return_exceptions=True)
-
-    try:
-        outcomes = asyncio.run(go())
-    finally:
-        batcher.stop()
+    outcomes = outcomes_then_stop(batcher, model, texts)
     assert [o.score for o in outcomes[:7]] == [expected(t) for t in texts[:7]]
     assert isinstance(outcomes[7], RewardModelError)
     assert not isinstance(outcomes[7], RewardModelUnavailable)

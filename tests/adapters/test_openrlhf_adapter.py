@@ -89,6 +89,20 @@ class StandInEngine:
                                                         logprobs=None)])
 
 
+def execute_samples(url: str, prompt, label, tokenizer, completions: list[list[int]]) -> list[dict]:
+    """OpenRLHF's executor run once per completion, concurrently, as its rollout workers do."""
+    engine = StandInEngine(completions)
+    executor = agent.SingleTurnAgentExecutor(hero_openrlhf.remote_rm_url(url))
+    params = SimpleNamespace(max_tokens=4096, logprobs=None)
+
+    async def run():
+        return await asyncio.gather(*(
+            executor.execute(prompt, label, params, 100_000, tokenizer, engine)
+            for _ in completions))
+
+    return asyncio.run(run())
+
+
 def test_openrlhf_executor_rollouts_are_rewarded_in_their_group(assembling_server, dev_rows):
     """OpenRLHF's whole single-turn path: tokenize the prompt, generate (stand-in engine),
     decode prompt + response into the query, post it; the service strips the prompt back off."""
@@ -96,16 +110,8 @@ def test_openrlhf_executor_rollouts_are_rewarded_in_their_group(assembling_serve
     tokenizer = byte_level_tokenizer([row["prompt"], *row["responses"]])
     completions = [tokenizer(r, add_special_tokens=False)["input_ids"]
                    for r in row["responses"][:N]]
-    engine = StandInEngine(completions)
-    executor = agent.SingleTurnAgentExecutor(hero_openrlhf.remote_rm_url(assembling_server.url))
-    params = SimpleNamespace(max_tokens=4096, logprobs=None)
-
-    async def run():
-        return await asyncio.gather(*(
-            executor.execute(row["prompt"], row["reference"], params, 100_000, tokenizer, engine)
-            for _ in range(N)))
-
-    outputs = asyncio.run(run())
+    outputs = execute_samples(assembling_server.url, row["prompt"], row["reference"], tokenizer,
+                              completions)
     rewards = [o["reward"][0] for o in outputs]
     sigma_ref = outputs[0]["extra_logs"]["sigma_ref"][0]
     with HeroClient(assembling_server.url) as client:
@@ -134,15 +140,7 @@ def test_openrlhf_templated_prompts_eos_ids_and_numeric_labels(assembling_server
     assert prompt.startswith("<|im_start|>system\n") and label == int(row["reference"])
     completions = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                    for r in row["responses"][:N]]
-    engine = StandInEngine(completions)
-    executor = agent.SingleTurnAgentExecutor(hero_openrlhf.remote_rm_url(assembling_server.url))
-    params = SimpleNamespace(max_tokens=4096, logprobs=None)
-
-    async def run():
-        return await asyncio.gather(*(
-            executor.execute(prompt, label, params, 100_000, tokenizer, engine) for _ in range(N)))
-
-    outputs = asyncio.run(run())
+    outputs = execute_samples(assembling_server.url, prompt, label, tokenizer, completions)
     assert all(o["reward"] is not None for o in outputs), "the service refused the request"
     sigma_ref = outputs[0]["extra_logs"]["sigma_ref"][0]
     with HeroClient(assembling_server.url) as client:
