@@ -5,6 +5,7 @@ paths, and keys and URL credentials kept out of logs, /v1/info, errors and metri
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -161,9 +162,24 @@ def _post_partial_body(port: int, headers: str, declared: int, sent: int,
                      f"{headers}\r\n".encode() + b"[" * sent)
         sock.settimeout(wait_s)
         try:
-            return sock.recv(65536)
+            answer = sock.recv(65536)
         except socket.timeout:
             return None
+        # The head and the body of the answer may arrive in separate segments: read the body
+        # its Content-Length announces (or until the server closes).
+        while b"\r\n\r\n" not in answer:
+            more = sock.recv(65536)
+            if not more:
+                break
+            answer += more
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = re.search(rb"content-length:\s*(\d+)", head, re.I)
+        while length and len(body) < int(length.group(1)):
+            more = sock.recv(65536)
+            if not more:
+                break
+            body += more
+        return head + b"\r\n\r\n" + body
 
 
 @pytest.mark.parametrize("headers", ["", "Authorization: Bearer wrong\r\n",
