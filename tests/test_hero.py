@@ -1,4 +1,4 @@
-"""Property tests of the HERO math (hero_service.hero): every invariant of Eq. 3-5."""
+"""Property tests of the HERO math (hero_client.hero): every invariant of Eq. 3-5."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from hero_service import hero
+from hero_client import hero
 
 scores_st = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, allow_infinity=False)
 band_st = st.floats(min_value=0.0, max_value=0.45)

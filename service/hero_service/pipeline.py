@@ -11,12 +11,13 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from hero_client import hero
 from hero_client.schema import (
     Group, GroupResult, HeroParams as RequestParams, Mode, RewardsRequest, RewardsResponse,
     Timings, VerifierStatus,
 )
 
-from . import hero, special_tokens
+from . import special_tokens
 from .batching import Batcher
 from .config import Settings
 from .errors import InputError, Overloaded, ScoringFailed, ScoringUnavailable, TooManyRollouts
@@ -54,10 +55,7 @@ class LocalScores:
 
 
 def hero_params(p: RequestParams) -> hero.HeroParams:
-    return hero.HeroParams(
-        alpha=p.alpha, beta=p.beta, w_min=p.w_min, w_max=p.w_max, k=p.k, epsilon=p.epsilon,
-        tie_policy=p.tie_policy, weight_gap=p.weight_gap, advantage=p.advantage,
-    )
+    return p.formula_params()
 
 
 def combine_group(mode: Mode, params: hero.HeroParams, group_id: str,

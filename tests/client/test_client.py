@@ -50,6 +50,56 @@ def test_chunked_scoring_matches_one_request_with_the_same_sigma_ref(server, dev
     assert [g.rewards for g in a.groups] == [g.rewards for g in b.groups]
 
 
+def test_a_chunked_first_batch_is_weighted_as_one_batch(server, dev_rows):
+    # No sigma_ref yet (a run's first batch): one request uses its groups' mean sigma; the
+    # chunks of a split batch must use the whole batch's mean too, not each chunk its own.
+    groups = dev_groups(dev_rows[:12])
+    running_chunked, running_whole = RunningSigma(), RunningSigma()
+    with HeroClient(server.url, api_key="test-key", max_groups_per_request=5,
+                    running_sigma=running_chunked) as chunked, \
+            HeroClient(server.url, api_key="test-key", running_sigma=running_whole) as whole:
+        per_chunk = [chunked._post_rewards(r) for r in chunked._plan(
+            groups, "hero", None, {"advantage": "rloo"}, None, None)]
+        a = chunked.score(groups, params={"advantage": "rloo"})
+        b = whole.score(groups, params={"advantage": "rloo"})
+    assert len(per_chunk) == 3  # the batch did travel as three requests
+    assert len({p.sigma_ref for p in per_chunk}) == 3  # each chunk alone has its own mean
+    assert a.sigma_ref == pytest.approx(b.sigma_ref, rel=1e-12)
+    for x, y in zip(a.groups, b.groups):
+        assert x.weight == pytest.approx(y.weight, rel=1e-12)
+        assert x.rewards == pytest.approx(y.rewards, rel=1e-12, abs=1e-15)
+        assert x.advantages == pytest.approx(y.advantages, rel=1e-12, abs=1e-15)
+        assert x.normalized == y.normalized
+    assert running_chunked.value == pytest.approx(running_whole.value, rel=1e-12)
+
+    async def chunked_async():
+        async with AsyncHeroClient(server.url, api_key="test-key", max_groups_per_request=4,
+                                   max_concurrency=3) as client:
+            return await client.score(groups, params={"advantage": "rloo"})
+
+    c = asyncio.run(chunked_async())
+    assert [g.weight for g in c.groups] == pytest.approx([g.weight for g in b.groups], rel=1e-12)
+
+
+def test_pieces_are_not_sent_the_clients_sigma_bar(dev_rows):
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append((request.url.params.get("run"), body["params"].get("sigma_ref")))
+        return httpx.Response(500, json={"error": {"code": "internal", "message": "stop"}})
+
+    running = RunningSigma(value=0.3)
+    piece = {"prompt": "p", "reference": "1", "responses": ["a"], "group_key": "k",
+             "group_size": 2}
+    with HeroClient("http://hero.test", transport=httpx.MockTransport(handler),
+                    running_sigma=running, retry=RetryPolicy(max_attempts=1)) as client:
+        for groups in ([piece], [{"prompt": "p", "reference": "1", "responses": ["a", "b"]}]):
+            with pytest.raises(HeroAPIError):
+                client.score(groups, run="exp42")
+    assert seen == [("exp42", None), ("exp42", 0.3)]
+
+
 def test_running_sigma_is_sent_and_updated(server, dev_rows):
     running = RunningSigma()
     with HeroClient(server.url, api_key="test-key", running_sigma=running) as client:

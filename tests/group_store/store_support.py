@@ -6,7 +6,7 @@ from typing import Optional
 
 from hero_client.schema import GroupResult
 
-from hero_service import hero
+from hero_client import hero
 from hero_service.group_store import ClosedGroup, Member
 
 PARAMS = hero.HeroParams()

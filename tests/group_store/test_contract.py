@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from hero_service import hero
+from hero_client import hero
 from hero_service.group_store import (
     ClosedGroup, GroupKey, GroupScoringFailed, GroupStoreOverloaded, Member, SigmaRule,
 )

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, TypeVar, Union
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from . import hero
 from ._errors import HeroConnectionError, HeroTimeoutError, HeroValidationError
 from ._retry import RETRY_STATUSES, RetryPolicy, api_error, retry_after_seconds
 from ._sigma import RunningSigma
@@ -110,6 +111,41 @@ def merge_responses(parts: Sequence[RewardsResponse], request_id: Optional[str])
     )
 
 
+def _has_pieces(groups: Sequence[Group]) -> bool:
+    return any(g.group_key is not None for g in groups)
+
+
+def weighted_as_one_batch(merged: RewardsResponse, groups: Sequence[Group],
+                          params: HeroParams) -> RewardsResponse:
+    """A batch split into several requests, weighted as if it had been sent as one.
+
+    Without a sigma_ref each request is weighted with the mean sigma of its own groups (the
+    first batch of a run, before any sigma-bar exists); one request for the whole batch would
+    use the whole batch's mean. Verdicts, RM scores, sigma and the normalised rewards do not
+    depend on sigma_ref, so the weights (and rewards, advantages) are recomputed here with the
+    batch's mean by the same pure function the service uses. Pieces (weighted with the
+    service's sigma-bar) and an explicit sigma_ref are left as they are."""
+    if merged.mode != "hero" or params.sigma_ref is not None or _has_pieces(groups):
+        return merged
+    batch_ref = hero.default_sigma_ref([g.sigma for g in merged.groups])
+    if batch_ref is None:
+        return merged
+    formula = params.formula_params()
+    regrouped = []
+    for result in merged.groups:
+        if result.rm_scores is None:
+            regrouped.append(result)
+            continue
+        scored = hero.score_group("hero", result.verified, result.rm_scores, formula, batch_ref)
+        regrouped.append(result.model_copy(update={
+            "weight": scored.weight, "rewards": scored.rewards, "advantages": scored.advantages}))
+    return merged.model_copy(update={"groups": regrouped, "sigma_ref": batch_ref})
+
+
+def _run_query(run: Optional[str]) -> Optional[dict[str, str]]:
+    return None if run is None else {"run": run}
+
+
 class _ClientBase:
     def __init__(
         self,
@@ -136,11 +172,13 @@ class _ClientBase:
         self, groups: Iterable[GroupLike], mode: Mode, verifier: Optional[VerifierName],
         params: ParamsLike, sigma_ref: Optional[float], request_id: Optional[str],
     ) -> list[RewardsRequest]:
-        if sigma_ref is None and self.running_sigma is not None:
+        checked = _as_groups(groups)
+        # Pieces are weighted with the service's sigma-bar of their run (it sees the whole
+        # group; this process sees a part): the client's own sigma-bar is not sent with them.
+        if sigma_ref is None and self.running_sigma is not None and not _has_pieces(checked):
             sigma_ref = self.running_sigma.value
         resolved = _as_params(params, sigma_ref)
-        chunks = chunk_groups(_as_groups(groups), self.max_groups_per_request,
-                              self.max_rollouts_per_request)
+        chunks = chunk_groups(checked, self.max_groups_per_request, self.max_rollouts_per_request)
         if not chunks:
             raise HeroValidationError([FieldProblem(
                 field="groups", message="score() needs at least one group")])
@@ -155,10 +193,15 @@ class _ClientBase:
         except ValidationError as exc:  # mode / verifier / request_id
             raise HeroValidationError.from_pydantic(exc.errors()) from None
 
-    def _finish(self, parts: Sequence[RewardsResponse], request_id: Optional[str]) -> RewardsResponse:
+    def _finish(self, requests: Sequence[RewardsRequest], parts: Sequence[RewardsResponse],
+                request_id: Optional[str]) -> RewardsResponse:
         merged = merge_responses(parts, request_id)
+        sent = [g for r in requests for g in r.groups]
+        if len(parts) > 1:
+            merged = weighted_as_one_batch(merged, sent, requests[0].params)
         if self.running_sigma is not None:
-            self.running_sigma.update(g.sigma for g in merged.groups)
+            self.running_sigma.update(
+                g.sigma for g, group in zip(merged.groups, sent) if group.group_key is None)
         return merged
 
     def _retry_delay(self, what: str, attempt: int, outcome: "httpx.Response | Exception") -> float:
@@ -202,11 +245,12 @@ class HeroClient(_ClientBase):
     def close(self) -> None:
         self._http.close()
 
-    def _send(self, method: str, path: str, json: Any = None) -> httpx.Response:
+    def _send(self, method: str, path: str, json: Any = None,
+              query: Optional[Mapping[str, str]] = None) -> httpx.Response:
         for attempt in range(1, self.retry.max_attempts + 1):
             outcome: httpx.Response | Exception
             try:
-                outcome = self._http.request(method, path, json=json)
+                outcome = self._http.request(method, path, json=json, params=query)
             except httpx.TransportError as exc:
                 outcome = exc
             if self._succeeded(outcome):
@@ -214,9 +258,10 @@ class HeroClient(_ClientBase):
             time.sleep(self._retry_delay(f"{method} {path}", attempt, outcome))
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _post_rewards(self, request: RewardsRequest) -> RewardsResponse:
+    def _post_rewards(self, request: RewardsRequest, run: Optional[str] = None) -> RewardsResponse:
         body = request.model_dump(mode="json", exclude_none=True)
-        return RewardsResponse.model_validate_json(self._send("POST", "/v1/rewards", body).content)
+        response = self._send("POST", "/v1/rewards", body, _run_query(run))
+        return RewardsResponse.model_validate_json(response.content)
 
     def score(
         self,
@@ -227,16 +272,19 @@ class HeroClient(_ClientBase):
         params: ParamsLike = None,
         sigma_ref: Optional[float] = None,
         request_id: Optional[str] = None,
+        run: Optional[str] = None,
     ) -> RewardsResponse:
         """Score groups (any number: they are chunked). ``sigma_ref`` defaults to the client's
-        running sigma, if it has one."""
+        running sigma, if it has one. Groups with ``group_key`` + ``group_size`` are pieces of
+        a group the service assembles across requests (and replicas); ``run`` names the
+        server-side sigma-bar series they are weighted with (default ``default``)."""
         requests = self._plan(groups, mode, verifier, params, sigma_ref, request_id)
         if len(requests) == 1:
-            parts = [self._post_rewards(requests[0])]
+            parts = [self._post_rewards(requests[0], run)]
         else:
             with ThreadPoolExecutor(min(self.max_concurrency, len(requests))) as pool:
-                parts = list(pool.map(self._post_rewards, requests))
-        return self._finish(parts, request_id)
+                parts = list(pool.map(lambda r: self._post_rewards(r, run), requests))
+        return self._finish(requests, parts, request_id)
 
     def get_reward(self, query: Sequence[str], prompts: Optional[Sequence[str]] = None,
                    labels: Optional[Sequence[Optional[str]]] = None) -> GetRewardResponse:
@@ -272,11 +320,12 @@ class AsyncHeroClient(_ClientBase):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _send(self, method: str, path: str, json: Any = None) -> httpx.Response:
+    async def _send(self, method: str, path: str, json: Any = None,
+                    query: Optional[Mapping[str, str]] = None) -> httpx.Response:
         for attempt in range(1, self.retry.max_attempts + 1):
             outcome: httpx.Response | Exception
             try:
-                outcome = await self._http.request(method, path, json=json)
+                outcome = await self._http.request(method, path, json=json, params=query)
             except httpx.TransportError as exc:
                 outcome = exc
             if self._succeeded(outcome):
@@ -284,10 +333,11 @@ class AsyncHeroClient(_ClientBase):
             await asyncio.sleep(self._retry_delay(f"{method} {path}", attempt, outcome))
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def _post_rewards(self, request: RewardsRequest, limit: asyncio.Semaphore) -> RewardsResponse:
+    async def _post_rewards(self, request: RewardsRequest, limit: asyncio.Semaphore,
+                            run: Optional[str] = None) -> RewardsResponse:
         body = request.model_dump(mode="json", exclude_none=True)
         async with limit:
-            response = await self._send("POST", "/v1/rewards", body)
+            response = await self._send("POST", "/v1/rewards", body, _run_query(run))
         return RewardsResponse.model_validate_json(response.content)
 
     async def score(
@@ -299,11 +349,13 @@ class AsyncHeroClient(_ClientBase):
         params: ParamsLike = None,
         sigma_ref: Optional[float] = None,
         request_id: Optional[str] = None,
+        run: Optional[str] = None,
     ) -> RewardsResponse:
+        """As :meth:`HeroClient.score`."""
         requests = self._plan(groups, mode, verifier, params, sigma_ref, request_id)
         limit = asyncio.Semaphore(self.max_concurrency)
-        parts = await asyncio.gather(*(self._post_rewards(r, limit) for r in requests))
-        return self._finish(parts, request_id)
+        parts = await asyncio.gather(*(self._post_rewards(r, limit, run) for r in requests))
+        return self._finish(requests, parts, request_id)
 
     async def get_reward(self, query: Sequence[str], prompts: Optional[Sequence[str]] = None,
                          labels: Optional[Sequence[Optional[str]]] = None) -> GetRewardResponse:

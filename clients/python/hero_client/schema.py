@@ -22,13 +22,12 @@ from pydantic import (
     model_validator,
 )
 
+from . import hero
+from .hero import AdvantageKind, Mode, TiePolicy, WeightGap
+
 API_VERSION = "v1"
 
-Mode = Literal["hero", "verifier", "rm"]
 VerifierName = Literal["math", "exact", "numeric", "none"]
-AdvantageKind = Literal["grpo", "dr_grpo", "rloo", "none"]
-TiePolicy = Literal["bottom", "middle"]
-WeightGap = Literal["absolute", "relative"]
 # Bounds that keep every reward finite (min-max ranges, std and w * advantage cannot overflow).
 MAX_ABS_RM_SCORE = 1e9
 MAX_WEIGHT = 1e3
@@ -153,6 +152,13 @@ class HeroParams(_Request):
         if v is not None and not math.isfinite(v):
             raise ValueError("must be a finite number")
         return v
+
+    def formula_params(self) -> hero.HeroParams:
+        """The hyper-parameters of :func:`hero_client.hero.score_group` (all but sigma_ref)."""
+        return hero.HeroParams(
+            alpha=self.alpha, beta=self.beta, w_min=self.w_min, w_max=self.w_max, k=self.k,
+            epsilon=self.epsilon, tie_policy=self.tie_policy, weight_gap=self.weight_gap,
+            advantage=self.advantage)
 
     @model_validator(mode="after")
     def _consistent(self) -> "HeroParams":

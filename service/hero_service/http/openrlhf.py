@@ -52,11 +52,12 @@ import logging
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence, Union
 
+from hero_client import hero
 from hero_client.schema import (
     GetRewardRequest, GetRewardResponse, Group, GroupResult, HeroParams, Mode, RewardsRequest,
 )
 
-from .. import hero, special_tokens
+from .. import special_tokens
 from ..errors import InputError, NotReady, Overloaded, ServiceError, TooManyRollouts
 from ..group_store import (
     ClosedGroup, GroupKey, GroupStore, GroupStoreUnavailable, Member, MemberOutcome,
