@@ -50,8 +50,17 @@ def the_error_line(result: subprocess.CompletedProcess[str]) -> str:
      ["cannot load the reward model 'hf:/nonexistent/reward-model'", "does not exist"]),
     (["--reward-model", "remote:https://u:p4ss@127.0.0.1:1/rm"], None,
      ["cannot load the reward model", "/classify or /pooling", "https://***@127.0.0.1:1/rm"]),
+    (["--group-store", "redis://u:p4ss@127.0.0.1:abc/0"], None,
+     ["group_store redis://127.0.0.1", "port is not a number"]),
+    (["--group-store", "http://u:p4ss@127.0.0.1:6379"], None,
+     ["group_store must be 'memory' or a redis://", "http://..."]),
+    (["--group-store", "redis://127.0.0.1:6379/zero"], None,
+     ["database number", "/zero"]),
+    (["--group-store", "redis://127.0.0.1:6379/0", "--group-store-password-file",
+      "/nonexistent/redis-password"], None, ["group_store_password_file", "cannot read it"]),
 ], ids=["bad-int", "two-bad-values", "bad-env", "bad-backend", "missing-key-file",
-        "key-file-is-a-dir", "no-cuda", "bad-hf-path", "bad-remote-url"])
+        "key-file-is-a-dir", "no-cuda", "bad-hf-path", "bad-remote-url", "store-port",
+        "store-scheme", "store-db", "store-password-file"])
 def test_start_up_failures_print_one_line_and_exit_2(args, env, words):
     line = the_error_line(start(*args, env=env))
     for word in words:

@@ -142,12 +142,17 @@ def uvicorn_log_config() -> dict[str, Any]:
 def serve(settings: Settings) -> int:
     """Run the service until it is stopped; the exit status (0, or 2 for a start-up failure)."""
     from .app import create_app, default_reward_model
+    from .group_store.factory import check_group_store_settings
 
     configure_logging(settings.log_level)
     log.info("settings: %s", json.dumps(settings.describe(), sort_keys=True))
     try:
         check_device(settings)
     except StartupError as exc:
+        return fail(str(exc))
+    try:
+        check_group_store_settings(settings)
+    except ValueError as exc:
         return fail(str(exc))
     try:
         model = default_reward_model(settings)
