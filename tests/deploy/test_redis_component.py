@@ -1,9 +1,7 @@
 """The shared group store for several replicas: components/redis (a Redis StatefulSet),
 components/redis-external (an existing Redis) and overlays/gpu-redis.
 
-Rendered with the real kustomize (``kustomize build`` or ``kubectl kustomize``) where one is on
-PATH; elsewhere with deploy/render.py, which test_manifests.py cross-checks against kustomize on
-every overlay. The Redis flags and probe commands of the StatefulSet are also run against a real
+Rendered with the real kustomize (``kubectl kustomize``). The Redis flags and probe commands of the StatefulSet are also run against a real
 ``redis-server`` on 127.0.0.1."""
 
 from __future__ import annotations
@@ -18,9 +16,10 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from kustomize_support import kustomize_build
 from support import free_port
 from test_manifests import (
-    DEPLOY, PORT, allowed_hero_env_names, only, render, server_container, validate_object,
+    DEPLOY, PORT, allowed_hero_env_names, only, server_container, validate_object,
 )
 
 REDIS_PORT = 6379
@@ -30,26 +29,8 @@ SERVER_LABELS = {"app.kubernetes.io/name": "hero-rewards", "app.kubernetes.io/co
 
 # --- helpers -----------------------------------------------------------------------------------
 
-def kustomize_build(directory: Path) -> list[dict]:
-    """The real kustomize's rendering of ``directory``; deploy/render.py where none is on PATH."""
-    if shutil.which("kustomize"):
-        cmd = ["kustomize", "build", str(directory)]
-    elif shutil.which("kubectl"):
-        cmd = ["kubectl", "kustomize", str(directory)]
-    else:
-        return render.build(directory)
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return [o for o in yaml.safe_load_all(out.stdout) if o]
-
-
-_CACHE: dict[Path, list[dict]] = {}
-
-
 def gpu_redis() -> list[dict]:
-    if OVERLAY not in _CACHE:
-        _CACHE[OVERLAY] = kustomize_build(OVERLAY)
-    return yaml.safe_load(yaml.safe_dump(_CACHE[OVERLAY]))  # a deep copy
+    return kustomize_build(OVERLAY)
 
 
 def redis_pod(objects: list[dict]) -> dict:
