@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
 
-Mode = Literal["hero", "verifier", "rm"]
-AdvantageKind = Literal["grpo", "dr_grpo", "rloo", "none"]
-TiePolicy = Literal["bottom", "middle"]
-WeightGap = Literal["absolute", "relative"]
+from .vocabulary import AdvantageKind, Mode, TiePolicy, WeightGap
 
 # Added to the std in GRPO advantages and in the "rm" mode standardisation.
 STD_EPS = 1e-6

@@ -23,17 +23,16 @@ from pydantic import (
 )
 
 from . import hero
-from .hero import AdvantageKind, Mode, TiePolicy, WeightGap
+from .vocabulary import (
+    AdvantageKind, ChatRole, Mode, TiePolicy, VerifierName, VerifierStatus, WeightGap,
+)
 
 API_VERSION = "v1"
 
-VerifierName = Literal["math", "exact", "numeric", "none"]
 # Bounds that keep every reward finite (min-max ranges, std and w * advantage cannot overflow).
 MAX_ABS_RM_SCORE = 1e9
 MAX_WEIGHT = 1e3
 MAX_K = 1e3
-
-VerifierStatus = Literal["correct", "incorrect", "no_answer", "timeout", "error", "skipped"]
 
 
 class _Request(BaseModel):
@@ -44,7 +43,6 @@ class _Response(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-ChatRole = Literal["system", "user", "assistant"]
 CHAT_ROLES: tuple[str, ...] = get_args(ChatRole)
 # What the docs (OpenAPI) advertise for ``content``: a string or OpenAI-style text parts.
 _CONTENT_SCHEMA = {"anyOf": [

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
 
-Status = Literal["correct", "incorrect", "no_answer", "timeout", "error", "skipped"]
+from hero_client.vocabulary import VerifierStatus as Status
 
 
 @dataclass(frozen=True)

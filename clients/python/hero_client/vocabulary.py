@@ -1,0 +1,14 @@
+"""The service's words, defined once: the wire schema, the HERO math, the verifiers and the
+adapters import them from here."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Mode = Literal["hero", "verifier", "rm"]
+VerifierName = Literal["math", "exact", "numeric", "none"]
+VerifierStatus = Literal["correct", "incorrect", "no_answer", "timeout", "error", "skipped"]
+AdvantageKind = Literal["grpo", "dr_grpo", "rloo", "none"]
+TiePolicy = Literal["bottom", "middle"]
+WeightGap = Literal["absolute", "relative"]
+ChatRole = Literal["system", "user", "assistant"]
