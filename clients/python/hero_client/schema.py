@@ -8,7 +8,7 @@ response models accept unknown fields so an older client can read a newer server
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal, Optional, Union, get_args
+from typing import Annotated, Any, Optional, Union, get_args
 
 from pydantic import (
     BaseModel,
