@@ -9,7 +9,7 @@ import pytest
 
 from adapter_support import metric, minilm_chat_tokenizer, tiny_causal_lm
 from hero_client import HeroClient, RunningSigma
-from hero_client.adapters.trl import HeroRewardFunction, group_spans
+from hero_client.adapters.trl import HeroRewardFunction, aligned_spans, group_spans
 
 import trl  # noqa: F401  (installed by make test; a missing trl must fail, not skip)
 
@@ -122,3 +122,63 @@ def test_trl_reward_function_groups_consecutive_prompts_like_a_direct_call(serve
     # a fresh function has no sigma-bar yet either: the same rewards
     assert solution(prompts=prompts, completions=completions, solution_text=answers) == \
         pytest.approx(out)
+
+
+def test_trl_reward_function_sends_pieces_when_a_process_slice_cuts_a_group(server, dev_rows):
+    """Two processes' reward functions (threads here; test_trl_multiprocess.py runs the real
+    trainer on two processes), each called with its contiguous slice of one RepeatSampler
+    batch: a group cut in two gets exactly HERO of the whole group, on both sides."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trl.trainer.utils import RepeatSampler
+
+    rows = dev_rows[30:33]
+    order = list(RepeatSampler(rows, mini_repeat_count=2, batch_size=3, seed=0))
+    assert len(order) == 6
+    params = {"sigma_ref": 0.05}  # one fixed sigma-bar, so a direct call can be compared exactly
+    slices = [order[0:3], order[3:6]]  # TRL's split over 2 processes: [a a b | b c c]
+    copies = {i: 0 for i in range(3)}
+
+    def completion(i: int) -> str:  # the sampler's k-th copy of row i gets response k
+        copies[i] += 1
+        return rows[i]["responses"][copies[i] - 1]
+
+    calls = [{"prompts": [rows[i]["prompt"] for i in part],
+              "completions": [completion(i) for i in part],
+              "answer": [rows[i]["reference"] for i in part]} for part in slices]
+    functions = [HeroRewardFunction(server.url, api_key="test-key", num_generations=2,
+                                    params=params, process_index=p, run="trl-threads")
+                 for p in range(2)]
+    metrics: list[dict[str, float]] = [{}, {}]
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda p: functions[p](**calls[p], log_metric=metrics[p].__setitem__),
+                             range(2)))
+
+    prompts = calls[0]["prompts"] + calls[1]["prompts"]
+    completions = calls[0]["completions"] + calls[1]["completions"]
+    references = calls[0]["answer"] + calls[1]["answer"]
+    groups = [{"prompt": prompts[s], "reference": references[s],
+               "responses": completions[s:s + 2]} for s in (0, 2, 4)]
+    with HeroClient(server.url, api_key="test-key") as client:
+        direct = client.score(groups, params=params)
+    assert outs[0] + outs[1] == pytest.approx([x for g in direct.groups for x in g.rewards])
+    # every group went as pieces (group_key + group_size); none scored incomplete
+    pieces = [g for f in functions for g in f.last_response.groups]
+    assert [len(g.rewards) for g in pieces] == [2, 1, 1, 2]
+    assert not any(g.partial for g in pieces)
+    assert pieces[1].weight == pieces[2].weight == direct.groups[1].weight
+    assert [m["hero/partial_groups"] for m in metrics] == [0.0, 0.0]
+    assert [f.running_sigma.value for f in functions] == [None, None]  # pieces don't move it
+
+    # spans follow the global batch's group boundaries, from the slice's global offset
+    assert aligned_spans(["a", "a", "b"], 2, 0) == [(0, 2), (2, 3)]
+    assert aligned_spans(["b", "c", "c"], 2, 3) == [(0, 1), (1, 3)]
+    assert aligned_spans(["a", "b"], 2, 0) == [(0, 1), (1, 2)]  # misaligned: never mixed
+    # single process, whole groups: no pieces unless forced
+    f = HeroRewardFunction(server.url, num_generations=2)
+    assert not f.sends_pieces([(0, 2), (2, 4)]) and f.sends_pieces([(0, 2), (2, 3)])
+    assert HeroRewardFunction(server.url, num_generations=2, pieces=True).sends_pieces([(0, 2)])
+    assert not HeroRewardFunction(server.url, num_generations=2,
+                                  pieces=False).sends_pieces([(0, 1)])
+    with pytest.raises(ValueError, match="num_generations"):
+        HeroRewardFunction(server.url, pieces=True)

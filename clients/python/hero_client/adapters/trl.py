@@ -24,17 +24,33 @@ advantage *is* HERO's (w applied after the group normalisation). TRL does not pa
 to reward functions, so the adapter cannot check ``scale_rewards`` for you.
 
 Conversational datasets work too: chat prompts are sent as chat messages, and a completion's
-text is its assistant message(s). Multi-process runs: each process scores its own slice, and
-TRL's slices can cut a group in two when ``per_device_train_batch_size * steps_per_generation``
-is not a multiple of ``num_generations``; keep it a multiple (a short group is scored as it is,
-and counted in the ``hero/short_groups`` metric).
+text is its assistant message(s).
+
+**Several processes** (``accelerate launch`` / ``torchrun``): each process scores its own
+contiguous slice of the global generation batch, and TRL's slices cut a group in two when
+``per_device_train_batch_size * steps_per_generation`` is not a multiple of ``num_generations``.
+With ``num_generations`` set and ``WORLD_SIZE`` > 1 (or any span shorter than
+``num_generations``), the groups go to the service as *pieces*: ``group_key`` names the group
+the same way on every process (a digest of the call number, ``trainer_state.global_step``, the
+group's index in the global batch, found from ``RANK`` and the slice length, its prompt and
+reference, and the function's ``name``), ``group_size`` is ``num_generations``. The service
+waits for the other pieces (on any replica; ``--group-store redis://...`` behind several),
+scores the whole group once, and each process gets its own completions' rewards, all with
+the same weight. Every group of such a call is sent as a piece, so all are weighted with one
+sigma-bar: the service's running mean of the series ``run`` (default ``$HERO_RUN`` or
+``default``; give each concurrent training run its own), not the per-process ``RunningSigma``.
+``pieces=True/False`` forces the choice. A group the service had to score incomplete (its
+other piece did not arrive within the service's ``--group-timeout-s``) is counted in
+``hero/partial_groups``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 from .._client import DEFAULT_URL, HeroClient, ParamsLike
@@ -83,6 +99,31 @@ def completion_text(completion: Any) -> str:
     return str(completion)
 
 
+def world_size() -> int:
+    """The number of training processes, as torchrun and ``accelerate launch`` set it."""
+    return int(os.environ.get("WORLD_SIZE") or 1)
+
+
+def process_rank() -> int:
+    """This process's index among them (``RANK``, as torchrun and accelerate set it)."""
+    return int(os.environ.get("RANK") or 0)
+
+
+def aligned_spans(keys: Sequence[str], num_generations: int,
+                  offset: int) -> list[tuple[int, int]]:
+    """[start, end) spans of one process's slice of a global batch whose groups start at
+    multiples of ``num_generations`` (TRL's ``RepeatSampler``); the slice starts at global
+    position ``offset``. A span ends at a group boundary or where the key changes (which only
+    a misaligned batch has: those pieces get different group keys, never a mixed group)."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or (offset + i) % num_generations == 0 or keys[i] != keys[start]:
+            spans.append((start, i))
+            start = i
+    return spans
+
+
 def group_spans(keys: Sequence[str], num_generations: Optional[int]) -> list[tuple[int, int]]:
     """[start, end) spans of consecutive equal keys, each cut into pieces of at most
     ``num_generations`` (two groups of the same prompt can be adjacent)."""
@@ -115,6 +156,11 @@ class HeroRewardFunction:
         client: a ``HeroClient`` to use instead of building one from ``url``/``api_key``.
         name: the ``__name__`` TRL logs this function under (``rewards/<name>/mean``) and the
             prefix of the extra metrics (``<name>/weight``, ``<name>/sigma_ref``, ...).
+        pieces: send groups as pieces the service assembles across processes (see the module
+            docstring): ``None`` (default) when ``WORLD_SIZE`` > 1 or a span is short, or
+            always (``True``) or never (``False``). Needs ``num_generations``.
+        run: the service's sigma-bar series for pieces (default ``$HERO_RUN`` or ``default``).
+        process_index: this process's index in the global batch (default ``$RANK``).
     """
 
     def __init__(
@@ -132,11 +178,19 @@ class HeroRewardFunction:
         client: Optional[HeroClient] = None,
         timeout: float = 120.0,
         name: str = "hero",
+        pieces: Optional[bool] = None,
+        run: Optional[str] = None,
+        process_index: Optional[int] = None,
     ) -> None:
         if output not in ("rewards", "advantages"):
             raise ValueError(f"output must be 'rewards' or 'advantages', got {output!r}")
         if num_generations is not None and num_generations < 1:
             raise ValueError("num_generations must be >= 1")
+        if pieces and num_generations is None:
+            raise ValueError("pieces=True needs num_generations (the whole group's size)")
+        self.pieces = pieces
+        self.run = run or os.environ.get("HERO_RUN") or "default"
+        self.process_index = process_index
         self.__name__ = name  # TRL names the reward (and its logged metrics) after __name__
         self.url = url
         self.reference_column = reference_column
@@ -192,17 +246,56 @@ class HeroRewardFunction:
 
     def build_groups(
         self, prompts: Sequence[Any], completions: Sequence[Any],
-        references: Sequence[Optional[str]],
+        references: Sequence[Optional[str]], trainer_state: Any = None,
     ) -> tuple[list[Group], list[tuple[int, int]]]:
+        """The HERO groups of one call, and the [start, end) span of completions each covers
+        (in the order of ``completions``); pieces when :meth:`sends_pieces` says so."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
         wire_prompts = [prompt_for_service(p) for p in prompts]
         keys = [json.dumps([p, r], sort_keys=True) for p, r in zip(wire_prompts, references)]
         spans = group_spans(keys, self.num_generations)
+        as_pieces = self.sends_pieces(spans)
+        offset = 0
+        if as_pieces:
+            assert self.num_generations is not None  # sends_pieces checks it
+            offset = self._process_index() * len(completions)
+            spans = aligned_spans(keys, self.num_generations, offset)
         groups = [Group(id=f"{self.calls}/{g}", prompt=wire_prompts[s], reference=references[s],
-                        responses=[completion_text(c) for c in completions[s:e]])
+                        responses=[completion_text(c) for c in completions[s:e]],
+                        **(self._piece_fields(trainer_state, offset + s, keys[s])
+                           if as_pieces else {}))
                   for g, (s, e) in enumerate(spans)]
         return groups, spans
+
+    def _piece_fields(self, trainer_state: Any, global_start: int,
+                      prompt_and_reference: str) -> dict[str, Any]:
+        assert self.num_generations is not None
+        index = global_start // self.num_generations  # the group's index in the global batch
+        return {"group_key": self.group_key(trainer_state, index, prompt_and_reference),
+                "group_size": self.num_generations}
+
+    def sends_pieces(self, spans: Sequence[tuple[int, int]]) -> bool:
+        """Whether this call's groups go as pieces: forced by ``pieces``, else when this is
+        one of several processes or a span is shorter than a whole group."""
+        if self.num_generations is None or self.pieces is False:
+            return False
+        if self.pieces:
+            return True
+        return world_size() > 1 or any(e - s < self.num_generations for s, e in spans)
+
+    def _process_index(self) -> int:
+        return process_rank() if self.process_index is None else self.process_index
+
+    def group_key(self, trainer_state: Any, global_index: int, prompt_and_reference: str) -> str:
+        """A key every process computes alike for the same group: they make the same calls in
+        the same order (the call number; it also tells an eval batch from the training batch
+        generated at the same step), share ``global_step`` (which keeps a resumed run's keys
+        apart from the first attempt's), and see the group at the same global index."""
+        step = getattr(trainer_state, "global_step", None)
+        digest = hashlib.sha256(json.dumps(
+            [self.__name__, self.calls, step, global_index, prompt_and_reference]).encode())
+        return f"trl/{step}/{self.calls}/{global_index}/{digest.hexdigest()[:24]}"
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any],
                  completion_ids: Any = None, trainer_state: Any = None,
@@ -210,9 +303,13 @@ class HeroRewardFunction:
         n = len(completions)
         if n == 0:
             return []
-        groups, spans = self.build_groups(prompts, completions, self._references(n, columns))
+        groups, spans = self.build_groups(prompts, completions, self._references(n, columns),
+                                          trainer_state)
+        # run names the service's sigma-bar series; only pieces are weighted with it
+        as_pieces = groups[0].group_key is not None
         result = self.client.score(groups, mode=self.mode, verifier=self.verifier,
-                                   params=self.params, request_id=f"trl/{self.calls}")
+                                   params=self.params, request_id=f"trl/{self.calls}",
+                                   run=self.run if as_pieces else None)
         self.calls += 1
         self.last_response = result
         out: list[float] = []
@@ -222,14 +319,14 @@ class HeroRewardFunction:
                 raise ValueError("output='advantages' needs params.advantage other than 'none'")
             out.extend(values)
         if callable(log_metric):
-            self._log(log_metric, result, spans)
+            self._log(log_metric, result, spans, as_pieces)
         if callable(log_extra):
             log_extra(f"{self.__name__}_status",
                       [s for g in result.groups for s in g.verifier_status])
         return out
 
     def _log(self, log_metric: Any, result: RewardsResponse,
-             spans: list[tuple[int, int]]) -> None:
+             spans: list[tuple[int, int]], as_pieces: bool) -> None:
         name = self.__name__
         groups = result.groups
         weights = [g.weight for g in groups]
@@ -244,7 +341,14 @@ class HeroRewardFunction:
         if self.num_generations:
             short = sum(1 for s, e in spans if e - s != self.num_generations)
             log_metric(f"{name}/short_groups", float(short))
-            if short:
+            if short and not as_pieces:
                 logger.warning("%d of %d groups had fewer than num_generations=%d completions "
-                               "(a process slice cut a group?)", short, len(spans),
-                               self.num_generations)
+                               "(a process slice cut a group? pieces=None assembles them)",
+                               short, len(spans), self.num_generations)
+        if as_pieces:
+            partial = sum(1 for g in groups if g.partial)
+            log_metric(f"{name}/partial_groups", float(partial))
+            if partial:
+                logger.warning("%d of %d groups were scored incomplete: their other pieces did "
+                               "not reach the service in time (run=%r)", partial, len(groups),
+                               self.run)
