@@ -4,23 +4,37 @@ without its GPU dependencies) against a live service.
 - ``verl.workers.reward_manager.batch.BatchRewardManager`` with ``compute_score_batch``;
 - ``verl.experimental.reward_loop.RewardLoopWorker`` (the 0.9 trainer's reward path: the ``naive``
   manager, one sample a call, loaded from a file through ``reward.custom_reward_function``) with
-  the async ``compute_score``, against a service that assembles groups (``--group-size``), and
-  refused against one that does not (each sample would be a group of one: no RM signal, sigma
-  collapsed) or assembles groups of another size.
+  the async ``compute_score``:
+  - with ``reward_kwargs.n``: each sample a one-response ``/v1/rewards`` piece, assembled by a
+    service started without ``--group-size``; by two replicas sharing a real Redis, a group's
+    samples alternating between them; a prompt's key reused in the next step opens a fresh
+    group; more groups in flight than httpx's default connection cap;
+  - without it: ``/get_reward`` against a service that assembles groups (``--group-size``), and
+    refused against one that does not (each sample would be a group of one: no RM signal, sigma
+    collapsed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
 import numpy as np
 import pytest
+from httpx._config import DEFAULT_LIMITS  # the premise of the connection-pool test
 
 from adapter_support import byte_level_tokenizer, metric
 from hero_client import HeroClient
-from hero_client.adapters.verl import check_service, client_for, compute_score_batch, group_key
-from support import running_server
+from hero_client.adapters.verl import (
+    check_service,
+    client_for,
+    compute_score_batch,
+    group_key,
+    wire_group_key,
+)
+from redis_support import RedisServer
+from support import ServerProcess, free_port, running_server
 
 import verl  # installed --no-deps by make test
 import torch
@@ -105,24 +119,24 @@ def reward_file(tmp_path, tokenizer):
 
 def test_verl_reward_loop_refuses_a_service_that_does_not_assemble_groups(server, dev_rows,
                                                                          tokenizer, reward_file):
-    """Without --group-size every per-sample call would be scored as a group of one (RM
-    normalised away, sigma 0): the first call raises with the fix, and nothing is scored."""
+    """Without reward_kwargs.n the adapter posts to /get_reward, where a service without
+    --group-size would score every per-sample call as a group of one (RM normalised away,
+    sigma 0): the first call raises with both fixes, and nothing is scored."""
     samples = rollouts([dev_rows[17]], per_prompt=4, interleave=False)
     scored_before = metric(server.url, "hero_rollouts_scored_total", 'mode="hero"')
-    for kwargs in ({"url": server.url, "api_key": "test-key"},
-                   {"url": server.url, "api_key": "test-key", "n": "${actor_rollout_ref.rollout.n}"}):
-        config = reward_loop_config(reward_file.parent / "tok", reward_file, kwargs)
-        with pytest.raises(ValueError, match=r"start it with --group-size") as refused:
-            run_reward_loop(config, make_data(tokenizer, samples))
-        assert "one sample per call" in str(refused.value)
-        if "n" in kwargs:  # the rollout n, known: the fix names it
-            assert "--group-size 4" in str(refused.value)
+    config = reward_loop_config(reward_file.parent / "tok", reward_file,
+                                {"url": server.url, "api_key": "test-key"})
+    with pytest.raises(ValueError, match=r"start it with --group-size") as refused:
+        run_reward_loop(config, make_data(tokenizer, samples))
+    assert "one sample per call" in str(refused.value)
+    assert "or pass reward_kwargs.n so the adapter sends pieces" in str(refused.value)
     assert metric(server.url, "hero_rollouts_scored_total", 'mode="hero"') == scored_before
 
-    with pytest.raises(ValueError, match="--group-size 8"):
-        check_service(server.url, n=8, api_key="test-key")
+    with pytest.raises(ValueError, match="reward_kwargs.n so the adapter sends pieces"):
+        check_service(server.url, api_key="test-key")
+    # with n the adapter sends pieces: any service with a group store fits, --group-size or not
+    assert check_service(server.url, n=8, api_key="test-key").group_store == "memory"
     with pytest.raises(ValueError, match="no hero-rewards service answers"):
-        from support import free_port
         check_service(f"http://127.0.0.1:{free_port()}", n=8, timeout=2)
 
 
@@ -179,10 +193,11 @@ def test_verl_batch_function_advantages_and_grouping_fallbacks(server, dev_rows)
     assert group_key("m", "4", {}) == group_key("m", "4", None) != group_key("m", "5", {})
 
 
-def test_verl_reward_loop_worker_assembles_groups_through_the_service(dev_rows, tokenizer,
-                                                                       reward_file):
+def test_verl_reward_loop_worker_without_n_assembles_groups_through_get_reward(
+        dev_rows, tokenizer, reward_file):
     """verl 0.9's reward path, one sample a call, all of a batch concurrently, through a
-    custom_reward_function file; the service assembles each prompt's n samples into one group."""
+    custom_reward_function file, without reward_kwargs.n: each sample goes to /get_reward and
+    the service's --group-size assembles each prompt's n samples into one group."""
     n = 4
     rows = [dev_rows[i] for i in (17, 28)]  # both mixed
     samples = rollouts(rows, per_prompt=n, interleave=False)
@@ -190,9 +205,7 @@ def test_verl_reward_loop_worker_assembles_groups_through_the_service(dev_rows, 
 
     with running_server("--verifier-workers", "1", "--group-size", str(n),
                         "--group-timeout-s", "30") as hero:
-        # n from the rollout config, as docs/trainers.md writes it: checked against the service
-        config = reward_loop_config(reward_file.parent / "tok", reward_file,
-                                    {"url": hero.url, "n": "${actor_rollout_ref.rollout.n}"},
+        config = reward_loop_config(reward_file.parent / "tok", reward_file, {"url": hero.url},
                                     rollout_n=n)
         outputs = run_reward_loop(config, make_data(tokenizer, samples))
 
@@ -220,10 +233,181 @@ def test_verl_reward_loop_worker_assembles_groups_through_the_service(dev_rows, 
         # a fresh service: the first group scored is weighted with its own sigma (no sigma-bar yet)
         assert any(own_sigma)
 
-        # the rollout samples 8 per prompt, the service waits for 4: refused, not mis-grouped
-        assert check_service(hero.url, n=n).group_size == n
-        config = reward_loop_config(reward_file.parent / "tok", reward_file,
-                                    {"url": hero.url, "n": "${actor_rollout_ref.rollout.n}"},
-                                    rollout_n=8)
-        with pytest.raises(ValueError, match="assembles groups of 4.*--group-size 8"):
-            run_reward_loop(config, make_data(tokenizer, samples[:2]))
+        assert check_service(hero.url).group_size == n
+
+
+# -- reward_kwargs.n: pieces through /v1/rewards -------------------------------------------------
+
+PIECE_ROWS = (6, 17, 28, 37, 3, 9)  # four mixed groups, one all wrong, one with 3 distinct answers
+
+
+def run_reward_loops(configs, datas):
+    """Several reward-loop workers at once (verl runs ``reward.num_workers`` of them), each
+    with its own share of the batch."""
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+
+    async def run():
+        workers = [RewardLoopWorker(config) for config in configs]
+        return await asyncio.gather(*(w.compute_score_batch(d) for w, d in zip(workers, datas)))
+
+    return asyncio.run(run())
+
+
+def pieces_config(reward_file, url: str, run: str, n: int, api_key=None):
+    """reward_kwargs as docs/trainers.md writes them: n (and the run name) from verl's config."""
+    kwargs = {"url": url, "n": "${actor_rollout_ref.rollout.n}", "run": run}
+    if api_key is not None:
+        kwargs["api_key"] = api_key
+    return reward_loop_config(reward_file.parent / "tok", reward_file, kwargs, rollout_n=n)
+
+
+def check_whole_groups(url: str, rows, samples, outputs, n: int, api_key=None) -> list[float]:
+    """Every sample's reward is its response's in HERO of its whole group, scored once: one
+    weight and one sigma-bar per group, no partial, every dict the same keys. Returns the
+    sigma-bar each group was weighted with."""
+    infos = [o["reward_extra_info"] for o in outputs]
+    assert [set(i) for i in infos] == [set(infos[0])] * len(samples)
+    assert all(i["hero_partial"] == 0.0 for i in infos)
+    sigma_refs = []
+    with HeroClient(url, api_key=api_key) as client:
+        for k, row in enumerate(rows):
+            mine = [(s["response"], o, i) for s, o, i in zip(samples, outputs, infos)
+                    if s["extra_info"]["index"] == k]
+            assert len(mine) == n
+            assert len({m[2]["hero_weight"] for m in mine}) == 1
+            assert len({m[2]["hero_sigma_ref"] for m in mine}) == 1
+            sigma_ref = mine[0][2]["hero_sigma_ref"]
+            group = {"prompt": row["prompt"], "reference": row["reference"],
+                     "responses": [m[0] for m in mine]}
+            # HERO of the whole group from the RM scores the pieces got, to the last bit...
+            direct = client.score([{**group, "rm_scores": [m[2]["hero_rm_score"] for m in mine]}],
+                                  sigma_ref=sigma_ref).groups[0]
+            assert [m[1]["reward_score"] for m in mine] == pytest.approx(direct.rewards,
+                                                                         abs=1e-9)
+            assert [m[2]["hero_verified"] for m in mine] == [float(v) for v in direct.verified]
+            assert mine[0][2]["hero_weight"] == pytest.approx(direct.weight)
+            # ...and those are the RM's scores of these responses against this prompt
+            rescored = client.score([group], sigma_ref=sigma_ref).groups[0]
+            assert [m[2]["hero_rm_score"] for m in mine] == pytest.approx(rescored.rm_scores,
+                                                                          abs=1e-5)
+            sigma_refs.append(sigma_ref)
+    return sigma_refs
+
+
+def test_verl_reward_loop_with_n_sends_pieces_to_a_service_without_group_size(
+        server, dev_rows, tokenizer, reward_file):
+    """With reward_kwargs.n each sample is a one-response /v1/rewards piece: the session's
+    service (no --group-size) assembles each prompt's n samples, interleaved with the other
+    groups' in one batch, into its whole group."""
+    n = 8
+    rows = [dev_rows[i] for i in PIECE_ROWS]
+    samples = rollouts(rows, per_prompt=n, interleave=True)
+    run = "verl-pieces-one-replica"
+    assert run not in check_service(server.url, n=n, api_key="test-key").running_sigma_ref
+
+    outputs = run_reward_loop(pieces_config(reward_file, server.url, run, n, "test-key"),
+                              make_data(tokenizer, samples))
+
+    assert len(outputs) == len(samples)
+    sigma_refs = check_whole_groups(server.url, rows, samples, outputs, n, "test-key")
+    assert {o["reward_extra_info"]["hero_verified"] for o in outputs} == {0.0, 1.0}
+    # the run's sigma-bar series exists on the service now (whole groups of 8 move it)
+    running = check_service(server.url, n=n, api_key="test-key").running_sigma_ref
+    assert run in running and running[run] > 0
+    assert len(sigma_refs) == len(rows)
+
+
+def test_verl_reward_loop_pieces_assemble_across_two_replicas_sharing_redis(
+        dev_rows, tokenizer, reward_file):
+    """Two reward-loop workers, one per replica URL; each group's samples alternate between
+    them, so every group meets in the Redis group store, and is scored whole and once."""
+    n = 8
+    rows = [dev_rows[i] for i in PIECE_ROWS]
+    samples = rollouts(rows, per_prompt=n, interleave=True)
+    halves = [[s for i, s in enumerate(samples) if i // len(rows) % 2 == w] for w in (0, 1)]
+    assert all(len(h) == len(samples) // 2 for h in halves)
+    run = "verl-pieces-two-replicas"
+    with RedisServer() as redis:
+        replicas = [ServerProcess(["--group-store", redis.url, "--verifier-workers", "1",
+                                   "--group-timeout-s", "60"]) for _ in range(2)]
+        try:
+            for replica in replicas:
+                replica.start()
+            assert all(check_service(r.url, n=n).group_store == "redis" for r in replicas)
+            outputs = run_reward_loops(
+                [pieces_config(reward_file, r.url, run, n) for r in replicas],
+                [make_data(tokenizer, h) for h in halves])
+            # each replica scored its own half of every group (score locally)...
+            scored = [metric(r.url, "hero_rollouts_scored_total", 'mode="hero"')
+                      for r in replicas]
+            assert scored == [len(samples) // 2] * 2
+            # ...and each group was combined once, whole (aggregate globally)
+            check_whole_groups(replicas[0].url, rows, halves[0] + halves[1],
+                               outputs[0] + outputs[1], n)
+            sigma = [check_service(r.url, n=n).running_sigma_ref[run] for r in replicas]
+            assert sigma[0] == sigma[1] > 0  # one series in the store, not one per replica
+        finally:
+            for replica in replicas:
+                replica.stop()
+
+
+def test_verl_reward_loop_reuses_a_prompts_key_in_the_next_step(server, dev_rows, tokenizer,
+                                                                reward_file):
+    """verl's extra_info index recurs when a prompt is sampled again (next step, next epoch):
+    the same key in two consecutive steps gives two whole groups, each of its own step's
+    samples, and never a mix. Group 2 samples the very same responses again in step 2."""
+    n = 4
+    rows = [dev_rows[i] for i in (6, 17, 28)]
+    step_rows = [
+        [{**r, "responses": r["responses"][:n]} for r in rows],
+        [{**r, "responses": r["responses"][n:2 * n]} for r in rows[:2]]
+        + [{**rows[2], "responses": rows[2]["responses"][:n]}],
+    ]
+    config = pieces_config(reward_file, server.url, "verl-pieces-key-reuse", n, "test-key")
+    keys = set()
+    weighted_with = []
+    for step in step_rows:
+        samples = rollouts(step, per_prompt=n, interleave=True)
+        outputs = run_reward_loop(config, make_data(tokenizer, samples))
+        weighted_with.append(check_whole_groups(server.url, step, samples, outputs, n,
+                                                "test-key"))
+        keys |= {group_key(s["data_source"], s["answer"], s["extra_info"]) for s in samples}
+    assert len(keys) == len(rows)  # the same three keys in both steps
+    # group 2's same responses were scored afresh in step 2 (with the sigma-bar step 1's groups
+    # moved), not answered with step 1's stored result
+    assert weighted_with[1][2] != weighted_with[0][2]
+
+
+def test_verl_reward_loop_pieces_outnumber_the_default_connection_pool(server, dev_rows,
+                                                                       tokenizer, reward_file):
+    """Every sample holds its request open until its group is complete. With 101 groups of 2
+    whose first members all come first, the first 100 calls complete no group: a client
+    capped at httpx's default 100 connections would leave the second members queued behind
+    them until the groups closed partial at the deadline."""
+    n, groups = 2, 101
+    rows = [{**dev_rows[k % len(dev_rows)],
+             "responses": dev_rows[k % len(dev_rows)]["responses"][2 * (k // len(dev_rows)):]}
+            for k in range(groups)]
+    samples = rollouts(rows, per_prompt=n, interleave=True)
+    # the premise: more groups than the connections an httpx client opens by default
+    assert DEFAULT_LIMITS.max_connections is not None and DEFAULT_LIMITS.max_connections < groups
+    outputs = run_reward_loop(
+        pieces_config(reward_file, server.url, "verl-pieces-many", n, "test-key"),
+        make_data(tokenizer, samples))
+    infos = [o["reward_extra_info"] for o in outputs]
+    assert all(i["hero_partial"] == 0.0 for i in infos)
+    for k in range(groups):  # both members of each group: one weight, one sigma-bar
+        mine = [i for s, i in zip(samples, infos) if s["extra_info"]["index"] == k]
+        assert len(mine) == n
+        assert len({(i["hero_weight"], i["hero_sigma_ref"]) for i in mine}) == 1
+
+
+def test_verl_long_group_keys_are_hashed_to_the_wire_limit():
+    prompt = "x" * 400  # no index: the key carries the whole prompt text
+    key = group_key("math", "4", {"question": prompt})
+    assert len(key) > 256
+    wired = wire_group_key(key)
+    assert len(wired) <= 256 and wired == wire_group_key(key)
+    assert wired != wire_group_key(group_key("math", "4", {"question": prompt + "y"}))
+    short = group_key("math", "4", {"index": 3})
+    assert wire_group_key(short) == short and json.loads(short) == ["id", "math", "3"]

@@ -7,23 +7,42 @@ verl has two ways to call a custom reward function, and this module has one func
 
     compute_score(data_source=..., solution_str=..., ground_truth=..., extra_info=...)
 
-awaiting it when it is a coroutine function, all samples of a batch concurrently. HERO needs the
-whole group, so :func:`compute_score` (async) posts each sample to the service's ``/get_reward``
-and the service assembles the group across requests: start it with ``--group-size`` equal to
-``actor_rollout_ref.rollout.n``. Configure verl with::
+awaiting it when it is a coroutine function, all samples of a batch concurrently (or each as its
+rollout finishes, on a random reward-loop worker). HERO needs the whole group, so
+:func:`compute_score` (async) sends each sample as a *piece* of its group: a one-response
+``/v1/rewards`` group with ``group_key`` (the prompt's key, below) and ``group_size`` = ``n``.
+The service (any replica sharing its group store) assembles the pieces, scores the whole group
+once and answers each call with its own sample's reward; no ``--group-size`` is needed. Configure
+verl with::
 
     # hero_verl.py holds one line: from hero_client.adapters.verl import compute_score
     reward.custom_reward_function.path=/path/to/hero_verl.py
     reward.custom_reward_function.name=compute_score
     +reward.custom_reward_function.reward_kwargs.url=http://hero:8000
     +reward.custom_reward_function.reward_kwargs.n='${actor_rollout_ref.rollout.n}'
+    +reward.custom_reward_function.reward_kwargs.run='${trainer.experiment_name}'
 
-A service without ``--group-size`` would score every sample as a group of one: the RM's
-signal normalised away, sigma 0, silently. So the first call for a service checks its
-``/v1/info`` (once per process and URL) and **raises** ``ValueError`` saying "start it with
---group-size N" when it assembles no groups, or groups of another size than ``n`` (the
-``reward_kwargs.n`` above; without it only a missing group size is caught).
-:func:`check_service` makes the same check before a run.
+``n`` (required for pieces) is the group size; ``run`` names the service's sigma-bar series the
+groups are weighted with (default: env ``HERO_RUN``, else ``default``): one per training run, so
+two runs on one service do not share it. ``mode``, ``verifier`` and ``params`` pass through as in
+:func:`compute_score_batch`. The first call for a service checks (once per process and URL) that
+its ``/v1/info`` reports a group store, i.e. that it assembles pieces.
+
+A prompt sampled again in a later step (verl's ``index`` recurs every epoch) reuses its key: the
+service opens the key's *next* group once the previous one has closed, and a response delivered
+earlier never counts again, so each step's n samples form a group of their own. Two copies of one
+prompt in the *same* batch share a key too and are grouped by arrival, n at a time.
+
+Without ``n`` the adapter falls back to posting each sample to ``/get_reward``, which assembles
+groups only on a service started with ``--group-size`` = ``actor_rollout_ref.rollout.n``. A
+service without it would score every sample as a group of one: the RM's signal normalised away,
+sigma 0, silently. So that path **raises** ``ValueError`` on its first call when the service
+assembles no groups ("start it with --group-size N, or pass reward_kwargs.n so the adapter
+sends pieces"). :func:`check_service` makes the same checks before a run.
+
+Set the service's ``--group-timeout-s`` above the time between the first and the last sample of
+a group reaching the reward loop; a group still incomplete then is scored as it is and flagged
+(``hero_partial`` = 1, logged once).
 
 **verl's BatchRewardManager** (``verl/workers/reward_manager/batch.py``; the trainer's
 ``reward_model.reward_manager=batch`` before the reward loop, still shipped in 0.9) calls the
@@ -62,12 +81,15 @@ URL and key come from keyword arguments (``reward_kwargs`` in verl's config) or 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
 import threading
 import weakref
 from typing import Any, Literal, Mapping, Optional, Sequence
+
+import httpx
 
 from .._client import DEFAULT_URL, AsyncHeroClient, HeroClient, ParamsLike
 from .._errors import HeroConnectionError
@@ -79,14 +101,16 @@ logger = logging.getLogger(__name__)
 
 ID_KEYS = ("uid", "index")
 PROMPT_KEYS = ("prompt", "question")
+MAX_GROUP_KEY_CHARS = 256  # the wire contract's limit on /v1/rewards group_key
+DEFAULT_RUN = "default"
 
 _lock = threading.Lock()
 _clients: dict[tuple[str, Optional[str]], HeroClient] = {}
 _async_clients: dict[tuple[str, Optional[str], int],
                      tuple["weakref.ref[asyncio.AbstractEventLoop]", AsyncHeroClient]] = {}
 _warned: set[str] = set()
-# Services that passed check_service, per (base URL, rollout n): checked once per process.
-_checked: set[tuple[str, Optional[int]]] = set()
+# Services that passed the first-call check, per (base URL, what was checked): once per process.
+_checked: set[tuple[str, str]] = set()
 # One check at a time per event loop, so a batch's concurrent first calls make one request.
 _check_locks: dict[int, tuple["weakref.ref[asyncio.AbstractEventLoop]", asyncio.Lock]] = {}
 
@@ -119,9 +143,19 @@ def _async_client_for(url: Optional[str], api_key: Optional[str],
     with _lock:
         entry = _async_clients.get(slot)
         if entry is None or entry[0]() is not loop:  # new loop (or a dead one's reused id)
-            entry = (weakref.ref(loop), AsyncHeroClient(base, api_key=key, timeout=timeout))
+            entry = (weakref.ref(loop), AsyncHeroClient(base, api_key=key, timeout=timeout,
+                                                        transport=_unpooled_transport()))
             _async_clients[slot] = entry
         return entry[1]
+
+
+def _unpooled_transport() -> httpx.AsyncHTTPTransport:
+    # Each call holds its connection until its whole group is scored. With httpx's default cap
+    # (100 connections) the 101st sample would queue in the pool behind samples waiting for it,
+    # and groups spread over more than 100 calls in flight would close partial at the deadline.
+    # The service bounds waiting samples itself (429 beyond --max-queued-rollouts, retried).
+    return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=None,
+                                                        max_keepalive_connections=64))
 
 
 def _warn_once(message: str, level: int = logging.WARNING) -> None:
@@ -144,10 +178,12 @@ def _rollout_n(n: Any) -> Optional[int]:
 
 
 def group_size_problem(info: InfoResponse, n: Optional[int], base: str) -> Optional[str]:
-    """Why the service's group assembly does not fit verl's per-sample reward loop (None: fits).
-    ``n``: the rollout's samples per prompt if known."""
+    """Why the service's ``/get_reward`` group assembly does not fit verl's per-sample reward
+    loop (None: fits); the path :func:`compute_score` takes without ``n``. ``n``: the rollout's
+    samples per prompt if known."""
     want = f"--group-size {n}" if n is not None else \
         "--group-size N (N = actor_rollout_ref.rollout.n)"
+    or_pieces = ", or pass reward_kwargs.n so the adapter sends pieces"
     if n == 1:  # one sample per prompt: nothing to assemble, but nothing may wait for more
         if info.group_size not in (None, 1):
             return (f"the service at {base} waits for groups of {info.group_size}, but the rollout "
@@ -158,20 +194,40 @@ def group_size_problem(info: InfoResponse, n: Optional[int], base: str) -> Optio
         return (f"the service at {base} scores each /get_reward request alone (it was started "
                 f"without --group-size), but verl's reward loop sends one sample per call: each "
                 f"sample would be a group of one, its RM signal normalised away and sigma 0: "
-                f"start it with {want}")
+                f"start it with {want}{or_pieces}")
     if n is not None and info.group_size != n:
         return (f"the service at {base} assembles groups of {info.group_size}, but the rollout "
                 f"samples {n} per prompt (reward_kwargs.n): start it with --group-size {n}")
     return None
 
 
+def pieces_problem(info: InfoResponse, base: str) -> Optional[str]:
+    """Why the service cannot assemble ``/v1/rewards`` pieces (None: it can). A service with a
+    group store reports it in ``/v1/info``; one without predates pieces and would score each
+    sample as a whole group of one."""
+    if info.group_store:
+        return None
+    return (f"the service at {base} (version {info.version}) reports no group store in its "
+            f"/v1/info, so it does not assemble /v1/rewards pieces: each sample would be scored "
+            f"as a group of one; upgrade it, or drop reward_kwargs.n and start it with "
+            f"--group-size N (N = actor_rollout_ref.rollout.n)")
+
+
+def _service_problem(info: InfoResponse, n: Optional[int], base: str) -> Optional[str]:
+    # With n the adapter sends pieces (the service's --group-size does not matter); without,
+    # it relies on /get_reward's --group-size.
+    return pieces_problem(info, base) if n is not None else group_size_problem(info, None, base)
+
+
 def check_service(url: Optional[str] = None, n: Optional[int] = None, *,
                   api_key: Optional[str] = None, timeout: float = 10.0) -> InfoResponse:
     """Check that verl's per-sample reward loop can use the service at ``url``
-    (:func:`compute_score`): it answers, and it assembles groups across requests — of ``n``
-    (``actor_rollout_ref.rollout.n``) samples if given. Returns the service's info; raises
+    (:func:`compute_score`): it answers, and it assembles groups across requests. With ``n``
+    (``actor_rollout_ref.rollout.n``, what ``compute_score`` gets as ``reward_kwargs.n``) the
+    adapter sends pieces, so the service must support them (any ``--group-size``); without,
+    it must have been started with ``--group-size``. Returns the service's info; raises
     ``ValueError`` saying what to change otherwise. The batch path (:func:`compute_score_batch`)
-    sends whole groups and needs no group size."""
+    sends whole groups and needs neither."""
     base, key = _settings(url, api_key)
     n = _rollout_n(n)
     try:
@@ -180,7 +236,7 @@ def check_service(url: Optional[str] = None, n: Optional[int] = None, *,
             info = client.info()
     except HeroConnectionError as exc:
         raise ValueError(f"no hero-rewards service answers at {base}: {exc}") from exc
-    problem = group_size_problem(info, n, base)
+    problem = _service_problem(info, n, base)
     if problem is not None:
         raise ValueError(problem)
     return info
@@ -197,15 +253,15 @@ def _check_lock() -> asyncio.Lock:
 
 
 async def _ensure_groups_assemble(client: AsyncHeroClient, base: str, n: Optional[int]) -> None:
-    """check_service for compute_score, on first use per (URL, n); a refusal is not cached,
-    so a service restarted with the right --group-size is accepted."""
-    slot = (base, n)
+    """check_service for compute_score, on first use per (URL, path); a refusal is not cached,
+    so a service restarted with the right settings is accepted."""
+    slot = (base, "pieces" if n is not None else "get_reward")
     if slot in _checked:
         return
     async with _check_lock():
         if slot in _checked:  # another sample of the batch checked while this one waited
             return
-        problem = group_size_problem(await client.info(), n, base)
+        problem = _service_problem(await client.info(), n, base)
         if problem is not None:
             logger.error("hero verl adapter: %s", problem)
             raise ValueError(problem)
@@ -312,42 +368,71 @@ def compute_score_batch(
     return out  # type: ignore[return-value]
 
 
-async def compute_score(
-    data_source: Any,
-    solution_str: str,
-    ground_truth: Any,
-    extra_info: Optional[Mapping[str, Any]] = None,
-    *,
-    url: Optional[str] = None,
-    api_key: Optional[str] = None,
-    n: Any = None,
-    timeout: float = 300.0,
-    **_: Any,
-) -> dict[str, float]:
-    """verl reward-loop reward function (one sample a call). Needs a service started with
-    ``--group-size`` = ``actor_rollout_ref.rollout.n`` (``n``, from ``reward_kwargs``; checked
-    on first use, ``ValueError`` if it does not fit): the call returns when the sample's group
-    is complete (or the service's ``--group-timeout-s`` passed: ``hero_partial`` = 1)."""
-    rollout_n = _rollout_n(n)
-    client = _async_client_for(url, api_key, timeout)
-    base = _settings(url, api_key)[0]
-    await _ensure_groups_assemble(client, base, rollout_n)
+def wire_group_key(key: str) -> str:
+    """``key`` as a /v1/rewards ``group_key``: itself, or its hash when it is longer than the
+    wire contract allows (text keys carry the whole prompt)."""
+    if len(key) <= MAX_GROUP_KEY_CHARS:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _warn_if_unprompted(extra_info: Optional[Mapping[str, Any]], prompt: Any) -> None:
+    if prompt is None and any((extra_info or {}).get(k) is not None for k in ID_KEYS):
+        _warn_once("hero verl adapter: extra_info has an id but no 'question'/'prompt'; the RM "
+                   "scores responses without their prompt")
+
+
+def _warn_if_partial(partial: bool, base: str) -> None:
+    if partial:
+        _warn_once(f"hero verl adapter: {base} scored an incomplete group after its "
+                   "--group-timeout-s (flagged hero_partial): a group size above the rollout's n, "
+                   "or samples of a group reaching the reward loop too far apart?",
+                   logging.ERROR)
+
+
+async def _score_as_piece(client: AsyncHeroClient, base: str, data_source: Any,
+                          solution_str: str, ground_truth: Any,
+                          extra_info: Optional[Mapping[str, Any]], n: int, run: str,
+                          mode: Mode, verifier: Optional[VerifierName],
+                          params: ParamsLike) -> dict[str, float]:
+    """One sample as a one-response piece of its group: the service answers once the group of
+    ``n`` is complete, with this sample's share of the whole group's HERO result."""
+    prompt = prompt_of(extra_info)
+    _warn_if_unprompted(extra_info, prompt)
+    piece = Group(prompt=prompt or "", reference=_reference(ground_truth),
+                  responses=[solution_str],
+                  group_key=wire_group_key(group_key(data_source, ground_truth, extra_info)),
+                  group_size=n)
+    response = await client.score([piece], mode=mode, verifier=verifier, params=params, run=run)
+    result = response.groups[0]
+    _warn_if_partial(result.partial, base)
+    return {
+        "score": float(result.rewards[0]),
+        "hero_verified": 1.0 if result.verified[0] else 0.0,
+        "hero_rm_score": float(result.rm_scores[0]) if result.rm_scores is not None else 0.0,
+        "hero_weight": float(result.weight),
+        "hero_sigma_ref": float(response.sigma_ref) if response.sigma_ref is not None else 0.0,
+        "hero_partial": 1.0 if result.partial else 0.0,
+    }
+
+
+async def _score_through_get_reward(client: AsyncHeroClient, base: str, data_source: Any,
+                                    solution_str: str, ground_truth: Any,
+                                    extra_info: Optional[Mapping[str, Any]]) -> dict[str, float]:
+    """One sample posted to /get_reward, assembled by the service's --group-size."""
     prompt = prompt_of(extra_info)
     group_key(data_source, ground_truth, extra_info)  # warns once if nothing identifies the prompt
+    _warn_if_unprompted(extra_info, prompt)
     # /get_reward groups by (prompt, label). The prompt string carries the prompt text when the
     # dataset gave one; a per-prompt id without text still needs a distinct prompt to group by.
     info = extra_info or {}
-    has_id = any(info.get(k) is not None for k in ID_KEYS)
+    ident = next((info[k] for k in ID_KEYS if info.get(k) is not None), None)
     if prompt is not None:
         prompt_text = prompt_as_text(prompt)
-    elif has_id:
-        ident = next(info[k] for k in ID_KEYS if info.get(k) is not None)
+    elif ident is not None:
         prompt_text = f"[{data_source} #{ident}]"
     else:
         prompt_text = ""
-    if prompt is None and has_id:
-        _warn_once("hero verl adapter: extra_info has an id but no 'question'/'prompt'; the RM "
-                   "scores responses without their prompt")
     response = await client.get_reward([solution_str], prompts=[prompt_text],
                                        labels=[_reference(ground_truth)])
     logs = response.extra_logs
@@ -358,11 +443,7 @@ async def compute_score(
             value = value[0] if value else None
         return float(value) if value is not None else 0.0
 
-    if first("partial"):
-        _warn_once(f"hero verl adapter: {base} scored an incomplete group after its "
-                   "--group-timeout-s (flagged hero_partial): a group size above the rollout's n, "
-                   "or samples of a group reaching the reward loop too far apart?",
-                   logging.ERROR)
+    _warn_if_partial(bool(first("partial")), base)
     return {
         "score": float(response.rewards[0]),
         "hero_verified": first("verified"),
@@ -371,3 +452,39 @@ async def compute_score(
         "hero_sigma_ref": first("sigma_ref"),
         "hero_partial": first("partial"),
     }
+
+
+async def compute_score(
+    data_source: Any,
+    solution_str: str,
+    ground_truth: Any,
+    extra_info: Optional[Mapping[str, Any]] = None,
+    *,
+    url: Optional[str] = None,
+    api_key: Optional[str] = None,
+    n: Any = None,
+    run: Any = None,
+    mode: Mode = "hero",
+    verifier: Optional[VerifierName] = None,
+    params: ParamsLike = None,
+    timeout: float = 300.0,
+    **_: Any,
+) -> dict[str, float]:
+    """verl reward-loop reward function (one sample a call). With ``n`` (``reward_kwargs.n`` =
+    ``actor_rollout_ref.rollout.n``) the sample goes to ``/v1/rewards`` as a piece of its group
+    of ``n``, weighted with the service's sigma-bar series ``run`` (default: env ``HERO_RUN``,
+    else ``default``). Without ``n`` it goes to ``/get_reward`` and needs a service started
+    with ``--group-size`` (``mode``, ``verifier``, ``params`` and ``run`` then do not apply).
+    The service is checked on first use (``ValueError`` if it cannot assemble groups); the call
+    returns when the sample's group is complete (or the service's ``--group-timeout-s`` passed:
+    ``hero_partial`` = 1)."""
+    rollout_n = _rollout_n(n)
+    client = _async_client_for(url, api_key, timeout)
+    base = _settings(url, api_key)[0]
+    await _ensure_groups_assemble(client, base, rollout_n)
+    if rollout_n is None:
+        return await _score_through_get_reward(client, base, data_source, solution_str,
+                                               ground_truth, extra_info)
+    series = str(run) if run is not None else os.environ.get("HERO_RUN") or DEFAULT_RUN
+    return await _score_as_piece(client, base, data_source, solution_str, ground_truth,
+                                 extra_info, rollout_n, series, mode, verifier, params)
