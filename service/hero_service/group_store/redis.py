@@ -14,8 +14,9 @@ connect_timeout_s`` with :class:`GroupStoreUnavailable`; waiters retry through a
 until their group's deadline (base.py).
 
 Without Redis persistence a restart loses the open groups (their waiters re-join them with the
-time they had left) and the sigma-bar series (they start again from the next groups); with AOF
-(deploy/components/redis) both survive. The password (``password=`` or in the URL) is never
+time they had left), the attachment leases (parked requests set theirs again at their next
+renewal, within a second) and the sigma-bar series (they start again from the next groups); with
+AOF (deploy/components/redis) all survive. The password (``password=`` or in the URL) is never
 logged: messages show the URL without its userinfo and query."""
 
 from __future__ import annotations
@@ -270,9 +271,12 @@ class RedisGroupStore(GroupStore):
             return
 
         async def renew() -> Any:
+            # SET, not PEXPIRE: a Redis restarted without its data lost the lease, and a
+            # parked request must take it back, or an identical sample would take its id and
+            # leave the group one member short (as MemoryGroupStore, which sets it too).
             pipe = self._redis.pipeline(transaction=False)
             for name in names:
-                pipe.pexpire(self._attach_key(name), self._ms(lease_s))
+                pipe.set(self._attach_key(name), "1", px=self._ms(lease_s))
             return await pipe.execute()
 
         await self._call("attach_renew", renew)
