@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 
 import numpy as np
 import pytest
@@ -315,6 +316,44 @@ def test_verl_reward_loop_with_n_sends_pieces_to_a_service_without_group_size(
     running = check_service(server.url, n=n, api_key="test-key").running_sigma_ref
     assert run in running and running[run] > 0
     assert len(sigma_refs) == len(rows)
+
+
+def test_verl_validation_samples_are_scored_alone_without_waiting_for_n(
+        server, dev_rows, tokenizer, reward_file):
+    """verl validates with val_kwargs.n samples per prompt (default 1) through the same reward
+    function and kwargs (n = rollout.n): a sample whose extra_info split is not train is a group
+    of val_n (1: scored at once, never parked waiting for n), and validation groups above one
+    weigh on their own sigma-bar series, not training's."""
+    rows = [dev_rows[i] for i in PIECE_ROWS]
+    run = "verl-validation"
+    samples = [{**s, "extra_info": {**s["extra_info"], "split": "test"}}
+               for s in rollouts(rows, per_prompt=1, interleave=False)]
+    config = pieces_config(reward_file, server.url, run, 8, "test-key")  # n = 8 for training
+    started = time.monotonic()
+    outputs = run_reward_loop(config, make_data(tokenizer, samples))
+    elapsed = time.monotonic() - started
+    # the session's service has --group-timeout-s 30 s: a sample waiting for 8 would take that
+    assert elapsed < 20, f"validation samples waited for a group: {elapsed:.1f} s"
+    infos = [o["reward_extra_info"] for o in outputs]
+    assert all(i["hero_partial"] == 0.0 for i in infos)
+    with HeroClient(server.url, api_key="test-key") as client:
+        for sample, output in zip(samples, outputs):
+            alone = client.score([{"prompt": sample["prompt"], "reference": sample["answer"],
+                                   "responses": [sample["response"]]}]).groups[0]
+            assert output["reward_score"] == pytest.approx(alone.rewards[0], abs=1e-9)
+    running = check_service(server.url, n=8, api_key="test-key").running_sigma_ref
+    assert run not in running and f"{run}/validation" not in running
+
+    # val_n = 2: pieces of two, on the validation series only
+    pairs = [{**s, "extra_info": {**s["extra_info"], "split": "test"}}
+             for s in rollouts(rows[:3], per_prompt=2, interleave=True)]
+    kwargs = {**config.reward.custom_reward_function.reward_kwargs, "val_n": 2}
+    config.reward.custom_reward_function.reward_kwargs = kwargs
+    outputs = run_reward_loop(config, make_data(tokenizer, pairs))
+    assert all(o["reward_extra_info"]["hero_partial"] == 0.0 for o in outputs)
+    check_whole_groups(server.url, rows[:3], pairs, outputs, 2, "test-key")
+    running = check_service(server.url, n=8, api_key="test-key").running_sigma_ref
+    assert f"{run}/validation" in running and run not in running
 
 
 def test_verl_reward_loop_pieces_assemble_across_two_replicas_sharing_redis(

@@ -40,6 +40,15 @@ sigma 0, silently. So that path **raises** ``ValueError`` on its first call when
 assembles no groups ("start it with --group-size N, or pass reward_kwargs.n so the adapter
 sends pieces"). :func:`check_service` makes the same checks before a run.
 
+**Validation.** verl scores its validation set with the same function and ``reward_kwargs`` but
+``actor_rollout_ref.rollout.val_kwargs.n`` samples per prompt (default 1), and tells the reward
+function nothing about it but the dataset's ``extra_info``. A sample whose ``extra_info["split"]``
+is not ``train`` (verl's example preprocessing writes ``train``/``test``) is a validation sample:
+its group size is ``val_n`` (``reward_kwargs.val_n``, default 1; set it to
+``'${actor_rollout_ref.rollout.val_kwargs.n}'`` when that is above 1). With ``val_n`` = 1 the
+sample is scored alone, at once (no waiting for a group of ``n``); above 1 its pieces go to the
+sigma-bar series ``<run>/validation``, so validation never moves training's sigma-bar.
+
 Set the service's ``--group-timeout-s`` above the time between the first and the last sample of
 a group reaching the reward loop; a group still incomplete then is scored as it is and flagged
 (``hero_partial`` = 1, logged once).
@@ -399,10 +408,11 @@ async def _score_as_piece(client: AsyncHeroClient, base: str, data_source: Any,
     ``n`` is complete, with this sample's share of the whole group's HERO result."""
     prompt = prompt_of(extra_info)
     _warn_if_unprompted(extra_info, prompt)
+    key = wire_group_key(group_key(data_source, ground_truth, extra_info))
+    # A group of one is whole as it is: scored at once, not parked in the group store.
     piece = Group(prompt=prompt or "", reference=_reference(ground_truth),
-                  responses=[solution_str],
-                  group_key=wire_group_key(group_key(data_source, ground_truth, extra_info)),
-                  group_size=n)
+                  responses=[solution_str], group_key=key if n > 1 else None,
+                  group_size=n if n > 1 else None)
     response = await client.score([piece], mode=mode, verifier=verifier, params=params, run=run)
     result = response.groups[0]
     _warn_if_partial(result.partial, base)
@@ -464,6 +474,7 @@ async def compute_score(
     api_key: Optional[str] = None,
     n: Any = None,
     run: Any = None,
+    val_n: Any = 1,
     mode: Mode = "hero",
     verifier: Optional[VerifierName] = None,
     params: ParamsLike = None,
@@ -486,5 +497,14 @@ async def compute_score(
         return await _score_through_get_reward(client, base, data_source, solution_str,
                                                ground_truth, extra_info)
     series = str(run) if run is not None else os.environ.get("HERO_RUN") or DEFAULT_RUN
+    if is_validation(extra_info):
+        rollout_n = _rollout_n(val_n) or 1
+        series = f"{series}/validation"
     return await _score_as_piece(client, base, data_source, solution_str, ground_truth,
                                  extra_info, rollout_n, series, mode, verifier, params)
+
+
+def is_validation(extra_info: Optional[Mapping[str, Any]]) -> bool:
+    """A sample of verl's validation set: its dataset row says a split other than train."""
+    split = (extra_info or {}).get("split")
+    return isinstance(split, str) and split.strip().lower() not in ("", "train", "training")
