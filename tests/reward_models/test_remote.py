@@ -6,6 +6,7 @@ them mean "the backend is down" (not split by the batcher, counted by its circui
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import math
 import socket
@@ -19,7 +20,16 @@ from hero_service.batching import Batcher
 from hero_service.metrics import Metrics
 from hero_service.reward_models import RewardModelError, ScoringItem, load_reward_model
 from hero_service.reward_models.base import RewardModelUnavailable, as_messages
-from hero_service.reward_models.remote import RemoteRewardModel, render
+from hero_service.reward_models.remote import (
+    Backoff,
+    RemoteOptions,
+    RemoteRewardModel,
+    TEIPredictCodec,
+    VLLMClassifyCodec,
+    VLLMPoolingCodec,
+    codec_for,
+    render,
+)
 
 
 def _load_standin():
@@ -509,3 +519,97 @@ def test_batcher_against_a_hung_server_makes_one_call_then_recovers(server, make
     assert [s.score for s in recovered] == pytest.approx(
         [standin.raw_score(f"q\n{item.response}") for item in rollouts])
     assert batcher.breaker.state == "closed"
+
+
+# -- the layers on their own: options, codecs (the documented wire shapes), backoff ---------------
+
+
+def test_options_are_read_once_into_a_frozen_record():
+    options = RemoteOptions.from_url(
+        "http://rm:8000/v1/classify?model=org%2Fm&index=2&activation=model&max_batch=8&keep=1")
+    assert options == RemoteOptions(
+        protocol="classify", endpoint="http://rm:8000/v1/classify?keep=1",
+        models_url="http://rm:8000/v1/models",
+        shown_spec="http://rm:8000/v1/classify?model=org%2Fm&index=2&activation=model"
+                   "&max_batch=8&keep=1",
+        shown_url="http://rm:8000/v1/classify?keep=1", model="org/m", input_mode="text",
+        index=2, label=None, raw=False, max_batch=8)
+    assert options.vllm
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.index = 0  # type: ignore[misc]
+    tei = RemoteOptions.from_url("http://rm:8080/predict?label=good")
+    assert (tei.vllm, tei.max_batch, tei.label, tei.raw) == (False, 32, "good", True)
+    with pytest.raises(ValueError, match=r"'http://rm/classify\?index=x': invalid literal"):
+        RemoteOptions.from_url("http://rm/classify?index=x")
+    with pytest.raises(ValueError, match="index and max_batch must be >= 0"):
+        RemoteOptions.from_url("http://rm/predict?max_batch=-1")
+    with pytest.raises(ValueError, match="input must be text or chat"):
+        RemoteOptions.from_url("http://rm/classify?input=image")
+
+
+def test_vllm_codecs_build_the_documented_requests():
+    options = RemoteOptions.from_url("http://rm/classify")
+    codec = codec_for(options, "m")
+    assert isinstance(codec, VLLMClassifyCodec)
+    assert codec.body(["a", "b"]) == {"model": "m", "input": ["a", "b"], "use_activation": False,
+                                      "truncate_prompt_tokens": -1, "truncation_side": "left"}
+    conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]
+    assert codec.chat_body(conversation) == {
+        "model": "m", "messages": conversation, "use_activation": False,
+        "truncate_prompt_tokens": -1, "truncation_side": "left"}
+    # No model name known (no listing) and the server's activation: both fields left out.
+    pooling = codec_for(RemoteOptions.from_url("http://rm/pooling?activation=model"))
+    assert isinstance(pooling, VLLMPoolingCodec)
+    assert pooling.body(["a"]) == {"input": ["a"], "truncate_prompt_tokens": -1,
+                                   "truncation_side": "left"}
+
+
+def test_vllm_codecs_parse_the_documented_answers():
+    classify = codec_for(RemoteOptions.from_url("http://rm/classify?index=1"))
+    answer = {"data": [{"index": 1, "label": "x", "probs": [0.1, 0.9], "num_classes": 2},
+                       {"index": 0, "label": "y", "probs": [0.6, 0.4], "num_classes": 2}]}
+    assert classify.parse(answer, 2) == [0.4, 0.9]  # by each result's index, not its position
+    pooling = codec_for(RemoteOptions.from_url("http://rm/pooling"))
+    answer = {"data": [{"index": 0, "object": "pooling", "data": [1.5, -1.0]},
+                       {"index": 1, "object": "pooling", "data": -2},
+                       {"index": 2, "object": "pooling", "data": [[9.0], [8.0], [0.25]]}]}
+    assert pooling.parse(answer, 3) == [1.5, -2.0, 0.25]
+    with pytest.raises(RewardModelUnavailable, match="malformed pooling response: 1 results"):
+        pooling.parse({"data": answer["data"][:1]}, 2)
+    with pytest.raises(RewardModelError, match=r"'data' is nan, not a finite number") as info:
+        pooling.parse({"data": [{"index": 0, "data": [math.nan]}]}, 1)
+    assert not isinstance(info.value, RewardModelUnavailable)  # may be about that one input
+
+
+def test_tei_codec_builds_and_parses_the_documented_shapes():
+    codec = codec_for(RemoteOptions.from_url("http://rm/predict?label=good"))
+    assert isinstance(codec, TEIPredictCodec)
+    assert codec.body(["a", "b"]) == {"inputs": [["a"], ["b"]], "raw_scores": True,
+                                      "truncate": True, "truncation_direction": "Left"}
+    # Sorted by score, as TEI sends them: the label picks the reward whatever its rank.
+    answer = [[{"score": 0.8, "label": "bad"}, {"score": 0.2, "label": "good"}],
+              [{"score": 0.7, "label": "good"}, {"score": 0.3, "label": "bad"}]]
+    assert codec.parse(answer, 2) == [0.2, 0.7]
+    single = codec_for(RemoteOptions.from_url("http://rm/predict"))
+    assert single.parse([{"score": 1.25, "label": "LABEL_0"}], 1) == [1.25]  # unbatched shape
+    with pytest.raises(RewardModelUnavailable, match=r"2 labels \['bad', 'good'\]"):
+        single.parse(answer[:1], 1)
+
+
+def test_backoff_doubles_honours_retry_after_and_stays_short():
+    backoff = Backoff()
+    assert (backoff.attempts, backoff.backoff_s, backoff.max_backoff_s) == (3, 0.1, 2.0)
+    assert [backoff.delay(attempt, None) for attempt in (1, 2, 5)] == [0.1, 0.2, 1.6]
+    assert backoff.delay(1, 0.5) == 0.5  # never earlier than the server asked ...
+    assert backoff.delay(1, 60.0) == 2.0  # ... but a long Retry-After is cut short
+
+
+def test_a_long_retry_after_is_capped_but_passed_on(server, make_model):
+    server.set(mode="error503", retry_after=30)
+    model = make_model(f"{server.url}/predict", attempts=2)
+    started = time.monotonic()
+    with pytest.raises(RewardModelUnavailable, match=r"HTTP 503.*after 2 attempts") as info:
+        score(model)
+    assert 2.0 <= time.monotonic() - started < 4.0  # one wait, at the 2 s cap
+    assert info.value.retry_after_s == 30.0  # the caller learns how long the server asked
+    assert len(scoring_requests(server, "/predict")) == 2

@@ -1,5 +1,7 @@
 """Retry policy shared by the sync and async clients: 429/503 and connection errors are retried
-with exponential backoff, honouring the server's Retry-After."""
+with exponential backoff, honouring the server's Retry-After. ``RETRY_STATUSES`` and
+``retry_after_seconds`` are also what the service's ``remote`` reward-model backend retries on and
+reads (with its own, shorter, attempts and backoff)."""
 
 from __future__ import annotations
 
