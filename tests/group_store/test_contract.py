@@ -233,6 +233,31 @@ def test_waiting_members_are_bounded_and_admission_is_all_or_nothing(stores):
     assert room == 0 and not single.partial  # closing the group freed the room
 
 
+def test_an_admitted_request_is_not_refused_half_way(stores):
+    """A request of several groups is checked against the bound as a whole before its joins
+    (``admitted=True``): a concurrent request that filled the room in between cannot make a
+    later group of it fail after earlier ones joined."""
+    async def scenario(s):
+        store = await s.make(timeout_s=0.6, max_waiting=2)
+        filler = asyncio.ensure_future(store.join(key(3, "filler"),
+                                                  [member("f", 0.0), member("g", 1.0)], combine))
+        await asyncio.sleep(0.1)
+        full = await store.waiting()
+        try:
+            await store.join(key(2, "late"), [member("x", 0.0)], combine)
+            refused = False
+        except GroupStoreOverloaded:
+            refused = True
+        admitted = await asyncio.gather(*(
+            store.join(key(2, f"admitted-{g}"), [member("a", 0.0), member("b", 1.0)], combine,
+                       admitted=True) for g in range(2)))
+        await filler
+        return full, refused, admitted
+    full, refused, admitted = stores.run(scenario)
+    assert full == 2 and refused
+    assert all(not o.partial for group in admitted for o in group)
+
+
 def test_room_comes_back_when_groups_close(stores):
     async def scenario(s):
         store = await s.make(timeout_s=20, max_waiting=2)

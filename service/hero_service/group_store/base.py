@@ -55,6 +55,8 @@ from ..errors import Overloaded, ScoringFailed, ServiceError
 log = logging.getLogger(__name__)
 
 MAX_ID_CHARS = 256
+# The waiting bound of a join whose request was admitted as a whole (exact in a Lua double).
+UNBOUNDED = 2 ** 53
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -410,10 +412,13 @@ class GroupStore(abc.ABC):
 
     async def join(self, key: GroupKey, members: Sequence[Member], combine: Combine, *,
                    timeout_s: Optional[float] = None,
-                   groups_per_step: Optional[int] = None) -> list[MemberOutcome]:
+                   groups_per_step: Optional[int] = None,
+                   admitted: bool = False) -> list[MemberOutcome]:
         """Add ``members`` to their group and wait until it closes; one outcome per member, in
         order. Raises GroupStoreOverloaded (nothing added), GroupStoreUnavailable,
-        GroupScoringFailed."""
+        GroupScoringFailed. ``admitted``: the caller has checked its whole request against the
+        waiting bound (a request of several groups is admitted whole or not at all), so this
+        join does not check it again and cannot refuse a later group of an admitted request."""
         if not members:
             return []
         ids = [m.member_id for m in members]
@@ -423,7 +428,8 @@ class GroupStore(abc.ABC):
         timeout = self.timeout_s if timeout_s is None else timeout_s
         if timeout <= 0:
             raise ValueError("timeout_s must be > 0")
-        replies = await self._join(key, members, timeout)
+        replies = await self._join(key, members, timeout,
+                                   UNBOUNDED if admitted else self.max_waiting)
         if replies and replies[0].kind == "overloaded":
             raise GroupStoreOverloaded(
                 f"{replies[0].detail}; retry later", retry_after_s=max(1, round(self.lease_s)))
@@ -492,10 +498,10 @@ class GroupStore(abc.ABC):
     # -- the primitives each implementation provides (each one atomic step) -------------------
 
     @abc.abstractmethod
-    async def _join(self, key: GroupKey, members: Sequence[Member],
-                    timeout_s: float) -> list[Reply]:
-        """Add each member (or re-attach it), all-or-nothing against the waiting bound: either
-        one ``overloaded`` reply or one reply per member."""
+    async def _join(self, key: GroupKey, members: Sequence[Member], timeout_s: float,
+                    max_waiting: int) -> list[Reply]:
+        """Add each member (or re-attach it), all-or-nothing against the waiting bound
+        ``max_waiting``: either one ``overloaded`` reply or one reply per member."""
 
     @abc.abstractmethod
     async def _claim(self, key: GroupKey, gen: str) -> Reply:
@@ -541,8 +547,8 @@ class GroupStore(abc.ABC):
                 left = max(0.05, started + timeout_s - time.monotonic())
                 log.warning("group %s:%s vanished from the store; re-joining %d member(s)",
                             key.digest[:8], reply.gen, len(members))
-                replies = await self._retrying(
-                    lambda: self._join(key, members, left), give_up_at)
+                replies = await self._retrying(  # admitted already: no bound again
+                    lambda: self._join(key, members, left, UNBOUNDED), give_up_at)
                 reply = min(replies, key=lambda r: _PRIORITY.get(r.kind, -1))
                 continue
             # waiting or closing: sleep until notified, the deadline, or the lease's end.

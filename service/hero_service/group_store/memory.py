@@ -253,11 +253,11 @@ class MemoryGroupStore(GroupStore):
                 if until <= now:
                     del self.backend.attachments[name]
 
-    async def _join(self, key: GroupKey, members: Sequence[Member],
-                    timeout_s: float) -> list[Reply]:
+    async def _join(self, key: GroupKey, members: Sequence[Member], timeout_s: float,
+                    max_waiting: int) -> list[Reply]:
         self._stats.round_trips["join"] += 1
         return self.backend.join(key, members, timeout_s, self.lease_s, self.result_ttl_s,
-                                 self.max_waiting)
+                                 max_waiting)
 
     async def _claim(self, key: GroupKey, gen: str) -> Reply:
         self._stats.round_trips["claim"] += 1

@@ -211,10 +211,10 @@ class RedisGroupStore(GroupStore):
         return await self._call(op, lambda: self._script(keys=self._keys,
                                                          args=[op, self.prefix, *args]))
 
-    async def _join(self, key: GroupKey, members: Sequence[Member],
-                    timeout_s: float) -> list[Reply]:
+    async def _join(self, key: GroupKey, members: Sequence[Member], timeout_s: float,
+                    max_waiting: int) -> list[Reply]:
         args: list[Any] = [key.digest, key.run, key.size, self._ms(timeout_s),
-                           self._ms(self.lease_s), self._ms(self.result_ttl_s), self.max_waiting,
+                           self._ms(self.lease_s), self._ms(self.result_ttl_s), max_waiting,
                            secrets.token_hex(4)]
         for m in members:
             args += [m.member_id, m.to_json()]

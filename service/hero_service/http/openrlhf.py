@@ -289,7 +289,7 @@ class GetRewardScorer:
         async with self._attached(request, split, run, size) as member_ids:
             joins = [self.store.join(GroupKey.for_prompt(run, q.prompt, q.label, size),
                                      _members(local, g, q, member_ids),
-                                     assembled_combine(rewards_request.params))
+                                     assembled_combine(rewards_request.params), admitted=True)
                      for g, q in enumerate(split.groups)]
             outcomes = await self.wait_for(asyncio.gather(*joins), member_ids, should_stop)
         for q, group_outcomes in zip(split.groups, outcomes):

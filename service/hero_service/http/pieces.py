@@ -85,7 +85,7 @@ async def score_rewards_with_pieces(pipeline: Pipeline, store: GroupStore,
             at += len(members)
             joins.append(store.join(
                 GroupKey.for_group_key(run, group.group_key, group.group_size), members,
-                assembled_combine(request.params, request.mode)))
+                assembled_combine(request.params, request.mode), admitted=True))
         outcomes = await scorer.wait_for(asyncio.gather(*joins), ids, should_stop)
     for g, group_outcomes in zip(pieces, outcomes):
         results[g] = piece_result(request.groups[g], g, group_outcomes)
