@@ -87,3 +87,49 @@ def test_bench_quick_writes_every_section(tmp_path: Path) -> None:
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still served"
     print(f"bench --quick took {elapsed:.0f}s")
+
+
+def test_group_store_bench_quick(tmp_path: Path) -> None:
+    """``bench/group_store.py --quick``: a real redis-server and two services (memory / Redis
+    group store), both patterns measured on both, every group checked, every process gone."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "group_store.py"), "--quick", "--results-dir",
+         str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "group_store.json").read_text())
+    assert (tmp_path / "group_store.txt").read_text().strip() in proc.stdout
+    groups_per_round = result["meta"]["plan"]["groups"]
+
+    checked = 0
+    for pattern in ("per_sample", "pieces"):
+        section = result[pattern]
+        assert section is not None, pattern
+        for store in ("memory", "redis"):
+            x = section["stores"][store]
+            assert x["rounds"] and x["errors"] == 0, (pattern, store)
+            assert all(r["rollouts"] == 8 * groups_per_round for r in x["rounds"])
+            assert x["rollouts_per_s"] > 0 and x["latency_p99_s"] > 0
+            # Every rollout joins its group once, through either store.
+            assert x["round_trips_per_rollout_by_op"]["join"] == 1.0, (pattern, store)
+            assert x["deduplicated_rollouts"] == 0
+            checked += len(x["rounds"]) * groups_per_round
+        assert section["ratio_redis_to_memory"] > 0 and section["ratio_cpu_equivalent"] > 0
+        assert len(section["ratio_per_round"]) == len(section["stores"]["redis"]["rounds"])
+        assert section["stores"]["redis"]["redis_server_cpu_ms_per_rollout"] > 0
+
+    c = result["correctness"]
+    assert c["ok"], c["examples"]
+    assert c["groups_checked"] == checked and c["failed_requests"] == 0
+    assert c["rollouts_compared"] == 8 * checked // 2
+    assert c["max_reward_diff_same_sigma_ref"] <= 1e-4
+    assert all(v for v in result["running_sigma_ref"].values())
+    assert [t["measured"] is not None for t in result["targets"]] == [True] * 3
+    assert "targets:" in proc.stdout and "redis / memory" in proc.stdout
+
+    ready = [line for line in proc.stderr.splitlines() if "servers ready" in line]
+    assert ready, proc.stderr[-2000:]
+    ports = [int(p) for p in re.findall(r"@(\d+)", ready[0])]
+    assert len(ports) == 3  # memory, redis services and the redis-server
+    for port in ports:
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still served"
