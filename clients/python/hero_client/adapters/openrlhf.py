@@ -41,16 +41,15 @@ then whitens over the whole batch), so HERO's weight survives.
 from __future__ import annotations
 
 import os
-import threading
 from typing import Any, Optional, Sequence
 
 import httpx
 
 from .._client import DEFAULT_URL, HeroClient
 from ..schema import InfoResponse
+from ._shared import ProcessCache
 
-_lock = threading.Lock()
-_clients: dict[tuple[str, Optional[str]], HeroClient] = {}
+_clients: ProcessCache[HeroClient] = ProcessCache()
 
 
 def base_url(url: str) -> str:
@@ -108,14 +107,12 @@ def check_service(url: str, n_samples_per_prompt: Optional[int] = None,
 
 
 def _client() -> HeroClient:
-    key = (os.environ.get("HERO_URL") or DEFAULT_URL, os.environ.get("HERO_API_KEY") or None)
-    with _lock:
-        client = _clients.get(key)
-        if client is None:
-            timeout = float(os.environ.get("HERO_TIMEOUT_S", "300"))
-            client = HeroClient(base_url(key[0]), api_key=key[1], timeout=timeout)
-            _clients[key] = client
-        return client
+    """The process's client for the service the environment names."""
+    url = os.environ.get("HERO_URL") or DEFAULT_URL
+    api_key = os.environ.get("HERO_API_KEY") or None
+    return _clients.get((url, api_key), lambda: HeroClient(
+        base_url(url), api_key=api_key,
+        timeout=float(os.environ.get("HERO_TIMEOUT_S", "300"))))
 
 
 def reward_func(queries: Sequence[str], prompts: Sequence[str],

@@ -56,24 +56,12 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 from .._client import DEFAULT_URL, HeroClient, ParamsLike
 from .._sigma import RunningSigma
 from ..schema import Group, Mode, RewardsResponse, VerifierName
+from ._shared import message_text, wire_messages
 
 logger = logging.getLogger(__name__)
 
 REFERENCE_COLUMNS = ("answer", "solution", "reference")
 Output = Literal["rewards", "advantages"]
-_ROLES = {"system", "user", "assistant"}
-
-
-def message_text(content: Any) -> str:
-    """A chat message's content as text (content-part lists keep their text parts)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") if isinstance(part, Mapping) else str(part)
-                       for part in content)
-    return str(content)
 
 
 def prompt_for_service(prompt: Any) -> Union[str, list[dict[str, str]]]:
@@ -82,8 +70,7 @@ def prompt_for_service(prompt: Any) -> Union[str, list[dict[str, str]]]:
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, Sequence):
-        return [{"role": m.get("role") if m.get("role") in _ROLES else "user",
-                 "content": message_text(m.get("content"))} for m in prompt]
+        return wire_messages(prompt)
     return str(prompt)
 
 

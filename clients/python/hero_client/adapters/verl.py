@@ -94,8 +94,6 @@ import hashlib
 import json
 import logging
 import os
-import threading
-import weakref
 from typing import Any, Literal, Mapping, Optional, Sequence
 
 import httpx
@@ -105,6 +103,7 @@ from .._errors import HeroConnectionError
 from .._retry import RetryPolicy
 from .._sigma import RunningSigma
 from ..schema import Group, InfoResponse, Mode, VerifierName
+from ._shared import LoopCache, ProcessCache, wire_messages
 
 logger = logging.getLogger(__name__)
 
@@ -113,15 +112,13 @@ PROMPT_KEYS = ("prompt", "question")
 MAX_GROUP_KEY_CHARS = 256  # the wire contract's limit on /v1/rewards group_key
 DEFAULT_RUN = "default"
 
-_lock = threading.Lock()
-_clients: dict[tuple[str, Optional[str]], HeroClient] = {}
-_async_clients: dict[tuple[str, Optional[str], int],
-                     tuple["weakref.ref[asyncio.AbstractEventLoop]", AsyncHeroClient]] = {}
+_clients: ProcessCache[HeroClient] = ProcessCache()
+_async_clients: LoopCache[AsyncHeroClient] = LoopCache()
 _warned: set[str] = set()
 # Services that passed the first-call check, per (base URL, what was checked): once per process.
 _checked: set[tuple[str, str]] = set()
 # One check at a time per event loop, so a batch's concurrent first calls make one request.
-_check_locks: dict[int, tuple["weakref.ref[asyncio.AbstractEventLoop]", asyncio.Lock]] = {}
+_check_locks: LoopCache[asyncio.Lock] = LoopCache()
 
 
 def _settings(url: Optional[str], api_key: Optional[str]) -> tuple[str, Optional[str]]:
@@ -132,30 +129,17 @@ def _settings(url: Optional[str], api_key: Optional[str]) -> tuple[str, Optional
 def client_for(url: Optional[str] = None, api_key: Optional[str] = None,
                timeout: float = 300.0) -> HeroClient:
     """The process's client (with its running sigma-bar) for this service."""
-    key = _settings(url, api_key)
-    with _lock:
-        client = _clients.get(key)
-        if client is None:
-            client = HeroClient(key[0], api_key=key[1], timeout=timeout,
-                                running_sigma=RunningSigma())
-            _clients[key] = client
-        return client
+    base, key = _settings(url, api_key)
+    return _clients.get((base, key), lambda: HeroClient(
+        base, api_key=key, timeout=timeout, running_sigma=RunningSigma()))
 
 
 def _async_client_for(url: Optional[str], api_key: Optional[str],
                       timeout: float) -> AsyncHeroClient:
-    # httpx's async client belongs to the event loop it runs on: one per loop (verl runs one
-    # loop per reward-loop worker).
+    """This event loop's client for the service (see :class:`LoopCache`)."""
     base, key = _settings(url, api_key)
-    loop = asyncio.get_running_loop()
-    slot = (base, key, id(loop))
-    with _lock:
-        entry = _async_clients.get(slot)
-        if entry is None or entry[0]() is not loop:  # new loop (or a dead one's reused id)
-            entry = (weakref.ref(loop), AsyncHeroClient(base, api_key=key, timeout=timeout,
-                                                        transport=_unpooled_transport()))
-            _async_clients[slot] = entry
-        return entry[1]
+    return _async_clients.get((base, key), lambda: AsyncHeroClient(
+        base, api_key=key, timeout=timeout, transport=_unpooled_transport()))
 
 
 def _unpooled_transport() -> httpx.AsyncHTTPTransport:
@@ -251,23 +235,13 @@ def check_service(url: Optional[str] = None, n: Optional[int] = None, *,
     return info
 
 
-def _check_lock() -> asyncio.Lock:
-    loop = asyncio.get_running_loop()
-    with _lock:
-        entry = _check_locks.get(id(loop))
-        if entry is None or entry[0]() is not loop:
-            entry = (weakref.ref(loop), asyncio.Lock())
-            _check_locks[id(loop)] = entry
-        return entry[1]
-
-
 async def _ensure_groups_assemble(client: AsyncHeroClient, base: str, n: Optional[int]) -> None:
     """check_service for compute_score, on first use per (URL, path); a refusal is not cached,
     so a service restarted with the right settings is accepted."""
     slot = (base, "pieces" if n is not None else "get_reward")
     if slot in _checked:
         return
-    async with _check_lock():
+    async with _check_locks.get("first-call check", asyncio.Lock):
         if slot in _checked:  # another sample of the batch checked while this one waited
             return
         problem = _service_problem(await client.info(), n, base)
@@ -278,15 +252,15 @@ async def _ensure_groups_assemble(client: AsyncHeroClient, base: str, n: Optiona
 
 
 def prompt_of(extra_info: Optional[Mapping[str, Any]]) -> Any:
-    """The prompt text the dataset put into extra_info (``prompt`` or ``question``), or None."""
+    """The prompt the dataset put into extra_info (``prompt`` or ``question``: text, or chat
+    messages in the wire format), or None."""
     info = extra_info or {}
     for k in PROMPT_KEYS:
         value = info.get(k)
         if isinstance(value, str) and value:
             return value
         if isinstance(value, (list, tuple)) and value:
-            return [{"role": m.get("role") if m.get("role") in ("system", "user", "assistant")
-                     else "user", "content": str(m.get("content", ""))} for m in value]
+            return wire_messages(value)
     return None
 
 

@@ -1,0 +1,74 @@
+"""What the trainer adapters share: per-process caches of clients (and other objects) and the
+conversion of a trainer's chat messages to the wire's."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from typing import Any, Callable, Generic, Hashable, Mapping, Optional, Sequence, TypeVar
+
+from ..schema import CHAT_ROLES
+
+_Value = TypeVar("_Value")
+
+
+class ProcessCache(Generic[_Value]):
+    """One object per key for the whole process, made on first use. Trainers call reward
+    functions as plain functions, many times and from several threads, so the client (its
+    connection pool, its running sigma-bar) has to outlive each call."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[Hashable, _Value] = {}
+
+    def get(self, key: Hashable, make: Callable[[], _Value]) -> _Value:
+        with self._lock:
+            value = self._values.get(key)
+            if value is None:
+                value = self._values[key] = make()
+            return value
+
+
+class LoopCache(Generic[_Value]):
+    """One object per key and running event loop, made on first use: httpx's async client and
+    asyncio locks belong to the loop they were made on (verl runs one loop per reward-loop
+    worker). A loop is held weakly, so a dead loop whose id is reused gets a fresh object."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[tuple[Hashable, int],
+                           tuple["weakref.ref[asyncio.AbstractEventLoop]", _Value]] = {}
+
+    def get(self, key: Hashable, make: Callable[[], _Value]) -> _Value:
+        loop = asyncio.get_running_loop()
+        slot = (key, id(loop))
+        with self._lock:
+            entry = self._values.get(slot)
+            if entry is None or entry[0]() is not loop:
+                entry = self._values[slot] = (weakref.ref(loop), make())
+            return entry[1]
+
+
+def message_text(content: Any) -> str:
+    """A chat message's content as text (content-part lists keep their text parts)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") if isinstance(part, Mapping) else str(part)
+                       for part in content)
+    return str(content)
+
+
+def wire_role(role: Optional[str]) -> str:
+    """A trainer's message role as one the wire accepts: roles it does not know (e.g. tool)
+    are sent as user messages rather than refused."""
+    return role if role in CHAT_ROLES else "user"
+
+
+def wire_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """A trainer's chat messages in the wire format (``{"role", "content"}``, content as text)."""
+    return [{"role": wire_role(m.get("role")), "content": message_text(m.get("content"))}
+            for m in messages]
