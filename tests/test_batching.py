@@ -1,6 +1,6 @@
-"""The cross-request batcher: token budget, sharing across requests, ordering, dedupe, the
-bounded queue, OOM splitting (fault injection), and a backend that is down: no splitting, the
-circuit breaker."""
+"""The cross-request batcher: token budget, sharing across requests, ordering, dedupe, OOM
+splitting (fault injection), and a backend that is down: no splitting, the circuit breaker. (Its
+queue has no bound of its own: requests hold admission permits, tests/test_admission.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from hero_service.batching import Batcher, _Pending, pack_batches
-from hero_service.errors import Overloaded, TooManyRollouts
 from hero_service.metrics import Metrics
 from hero_service.reward_models import Encoded, RewardModel, RewardModelError, ScoringItem
 from hero_service.reward_models.base import RewardModelUnavailable
@@ -67,8 +66,7 @@ def items(texts: Sequence[str], prompt: str = "p") -> list[ScoringItem]:
 
 
 def make_batcher(model: RewardModel, **kwargs) -> Batcher:
-    options = {"max_batch_tokens": 64, "max_wait_ms": 20.0, "max_queued": 1000,
-               "metrics": Metrics(), **kwargs}
+    options = {"max_batch_tokens": 64, "max_wait_ms": 20.0, "metrics": Metrics(), **kwargs}
     batcher = Batcher(model, **options)
     batcher.start()
     return batcher
@@ -174,27 +172,6 @@ def test_identical_inputs_are_scored_once():
     assert sum(b.count("the same answer") for b in model.batches) == 1
 
 
-def test_full_queue_answers_overloaded_without_enqueuing():
-    model = RecordingModel()
-    model.gate.clear()  # hold the inference thread so the queue fills
-    batcher = make_batcher(model, max_queued=5, max_wait_ms=0)
-
-    async def go():
-        first = asyncio.ensure_future(batcher.score(model.encode(items(["a", "b", "c"]))))
-        await asyncio.sleep(0.05)
-        with pytest.raises(Overloaded):
-            batcher.submit(model.encode(items(["d", "e", "f"])))
-        assert batcher.outstanding == 3  # the refused request left nothing behind
-        model.gate.set()
-        return await first
-
-    try:
-        scored = asyncio.run(go())
-    finally:
-        batcher.stop()
-    assert [s.score for s in scored] == [expected(t) for t in "abc"]
-
-
 def test_out_of_memory_splits_the_batch_and_retries():
     model = RecordingModel(oom_above=2)
     metrics = Metrics()
@@ -251,26 +228,6 @@ def test_real_model_scores_match_unbatched_scores(dev_rows):
         alone = [model.forward(model.encode([ScoringItem(row["prompt"], x, row["reference"])]))[0]
                  for x in row["responses"]]
         assert [s.score for s in scored] == pytest.approx(alone, abs=1e-5)
-
-
-def test_full_queue_is_429_but_a_request_larger_than_the_queue_is_413():
-    model = RecordingModel()
-    batcher = make_batcher(model, max_queued=5, max_wait_ms=0)
-
-    async def go():
-        with pytest.raises(TooManyRollouts) as info:
-            batcher.submit(model.encode(items([f"r{i}" for i in range(6)])))
-        assert batcher.outstanding == 0
-        # Identical items count once: six copies of one rollout fit.
-        return await batcher.score(model.encode(items(["same"] * 6))), info.value
-
-    try:
-        scored, error = asyncio.run(go())
-    finally:
-        batcher.stop()
-    assert error.status == 413 and error.code == "too_many_rollouts" and error.field == "groups"
-    assert "6 rollouts" in error.message and "limit is 5" in error.message
-    assert len(scored) == 6
 
 
 def outcomes_then_stop(batcher, model, texts: list[str]) -> list:

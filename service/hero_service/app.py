@@ -11,6 +11,7 @@ from typing import AsyncIterator, Callable, Optional
 from fastapi import FastAPI
 
 from . import __version__
+from .admission import Admission
 from .batching import Batcher
 from .config import Settings
 from .group_store import GroupStore, GroupStoreUnavailable, create_group_store
@@ -60,6 +61,8 @@ class Service:
         self.pipeline: Optional[Pipeline] = None
         self.verifiers: dict[str, Verifier] = {}
         # Assembled groups and the server-side sigma-bar per run (one replica: in memory).
+        # The one bound on the rollouts this process holds (scoring or parked).
+        self.admission = Admission(settings.max_queued_rollouts, metrics)
         self.group_store: GroupStore = create_group_store(settings, result_ttl_s=1200)
         self.group_store_started = False
         self.group_store_error: Optional[str] = None  # why it could not start (for /readyz)
@@ -148,10 +151,10 @@ def create_app(
             raise
         device_type = getattr(getattr(model, "device", None), "type", "remote")
         batcher = Batcher(
-            model, max_batch_tokens=settings.resolved_max_batch_tokens(device_type), max_wait_ms=settings.max_wait_ms,
-            max_queued=settings.max_queued_rollouts, metrics=metrics)
+            model, max_batch_tokens=settings.resolved_max_batch_tokens(device_type),
+            max_wait_ms=settings.max_wait_ms, metrics=metrics)
         batcher.start()
-        pipeline = Pipeline(settings, model, batcher, verifiers, metrics)
+        pipeline = Pipeline(settings, model, batcher, verifiers, metrics, service.admission)
         def on_sigma(run: str, value: Optional[float]) -> None:
             metrics.sigma_ref.set(value or 0.0)
             metrics.sigma_ref_by_run.labels(run).set(value or 0.0)
@@ -188,7 +191,7 @@ def create_app(
     # Added innermost first. A request meets: request metrics (so 401/413/429 are counted), the
     # API key (on the headers: nothing of an unauthenticated body is read), the size limit, then
     # cheap load shedding — all before the body is parsed.
-    app.add_middleware(LoadShedding, service=service, metrics=metrics)
+    app.add_middleware(LoadShedding, admission=service.admission, metrics=metrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeyAuth, api_key=app.state.api_key, metrics=metrics)
     app.add_middleware(RequestMetrics, metrics=metrics, service=service)

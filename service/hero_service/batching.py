@@ -19,8 +19,8 @@ Failure semantics:
   (``breaker.py``). While it is open no batch reaches the backend: new work is refused at
   :meth:`Batcher.submit` and queued work fails without a call, all with a retry-after (503
   ``reward_model_unavailable`` + ``Retry-After``); after the cool-down one probe is let through.
-- Bounds: a request whose rollouts alone exceed ``max_queued`` can never fit (413
-  ``too_many_rollouts``); one that would fit but finds the queue full gets 429 ``overloaded``."""
+- Bounds: none of its own. Every item belongs to a request holding an admission permit
+  (``admission.py``), so the queue never holds more than ``--max-queued-rollouts``."""
 
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
 
 from .breaker import DEFAULT_COOLDOWN_S, DEFAULT_FAILURE_THRESHOLD, STATE_VALUES, CircuitBreaker
-from .errors import Overloaded, TooManyRollouts
 from .metrics import Metrics
 from .reward_models import Encoded, RewardModel, RewardModelError
 from .reward_models.base import RewardModelUnavailable
@@ -87,7 +86,6 @@ class Batcher:
         *,
         max_batch_tokens: int,
         max_wait_ms: float,
-        max_queued: int,
         metrics: Metrics,
         breaker_failures: int = DEFAULT_FAILURE_THRESHOLD,
         breaker_cooldown_s: float = DEFAULT_COOLDOWN_S,
@@ -95,7 +93,6 @@ class Batcher:
         self.model = model
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000.0
-        self.max_queued = max_queued
         self.metrics = metrics
         self._cond = threading.Condition()
         self._queue: deque[_Pending] = deque()
@@ -142,8 +139,7 @@ class Batcher:
 
     def submit(self, encoded: Sequence[Encoded]) -> list[asyncio.Future[ScoredItem]]:
         """Enqueue items (sharing futures with identical items already in flight), or enqueue none
-        of them and raise: TooManyRollouts (more than the queue can ever hold), Overloaded (the
-        queue is full now), RewardModelUnavailable (the breaker is open). Must be called on the
+        of them and raise RewardModelUnavailable (the breaker is open). Must be called on the
         event loop."""
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[ScoredItem]] = []
@@ -160,12 +156,7 @@ class Batcher:
                 future = pending.future
             futures.append(future)
         self.metrics.deduplicated_rollouts.inc(len(encoded) - len(fresh))
-        if len(fresh) > self.max_queued:
-            raise TooManyRollouts(len(fresh), self.max_queued, "--max-queued-rollouts")
         with self._cond:
-            if self._outstanding + len(fresh) > self.max_queued:
-                raise Overloaded(
-                    f"reward model queue full ({self._outstanding} of {self.max_queued} rollouts)")
             # Last check before enqueuing: a request admitted as the breaker's probe is queued
             # below without fail, so the probe always runs and reports.
             wait = self.breaker.admit() if fresh else None

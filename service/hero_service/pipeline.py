@@ -8,7 +8,7 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 from hero_client import hero
@@ -18,9 +18,10 @@ from hero_client.schema import (
 )
 
 from . import special_tokens
+from .admission import Admission, Permit
 from .batching import Batcher
 from .config import Settings
-from .errors import InputError, Overloaded, ScoringFailed, ScoringUnavailable, TooManyRollouts
+from .errors import InputError, ScoringFailed, ScoringUnavailable
 from .metrics import Metrics
 from .reward_models import RewardModel, RewardModelError, ScoringItem
 from .reward_models.base import RewardModelUnavailable
@@ -53,6 +54,11 @@ class LocalScores:
             verifier=self.verify_ms, reward_model=self.rm_ms,
             total=(time.perf_counter() - started) * 1000.0)
 
+    def only(self, groups: Sequence[int]) -> LocalScores:
+        """The results of the groups at these positions (a sub-request of them)."""
+        return replace(self, verdicts=[self.verdicts[g] for g in groups],
+                       rm_results=[self.rm_results[g] for g in groups])
+
 
 def hero_params(p: RequestParams) -> hero.HeroParams:
     return p.formula_params()
@@ -76,6 +82,10 @@ def _unavailable(exc: RewardModelUnavailable) -> ScoringUnavailable:
     return ScoringUnavailable(str(exc), retry_after_s=max(1, math.ceil(exc.retry_after_s or 1)))
 
 
+def n_rollouts(request: RewardsRequest) -> int:
+    return sum(len(g.responses) for g in request.groups)
+
+
 def _prompt_value(group: Group) -> str | list[dict[str, str]]:
     if isinstance(group.prompt, str):
         return group.prompt
@@ -90,13 +100,14 @@ class Pipeline:
         batcher: Batcher,
         verifiers: dict[str, Verifier],
         metrics: Metrics,
+        admission: Admission,
     ) -> None:
         self.settings = settings
         self.reward_model = reward_model
         self.batcher = batcher
         self.verifiers = verifiers
         self.metrics = metrics
-        self._admitted = 0
+        self.admission = admission
 
     # -- validation ------------------------------------------------------------------------
 
@@ -134,51 +145,40 @@ class Pipeline:
 
     # -- scoring ---------------------------------------------------------------------------
 
+    def admit(self, request: RewardsRequest, field: str = "groups") -> Permit:
+        """A permit for the request's rollouts (413 / 429 when there is no room): the caller
+        holds it until the request is answered, including any wait for its groups."""
+        return self.admission.try_acquire(n_rollouts(request), field)
+
     async def score(
         self, request: RewardsRequest, sigma_ref: Optional[float] = None
     ) -> RewardsResponse:
-        """Score a request. ``sigma_ref`` (the server's running mean) applies only when the
-        request sends none."""
+        """Score a request of whole groups. ``sigma_ref`` (the server's running mean) applies
+        only when the request sends none."""
         started = time.perf_counter()
-        local = await self.score_locally(request)
-        response = self._combine(request, local.verifier, local.verdicts, local.rm_results,
-                                 sigma_ref)
+        verifier = self.check(request)
+        with self.admit(request):
+            local = await self.score_locally(request, verifier)
+        response = self.combine(request, local, sigma_ref)
         response.timings_ms = local.timings(started)
         self.metrics.rollouts_scored.labels(request.mode).inc(local.n_rollouts)
         return response
 
-    async def score_locally(self, request: RewardsRequest) -> "LocalScores":
+    async def score_locally(self, request: RewardsRequest, verifier: Verifier) -> LocalScores:
         """Verifier verdicts and RM scores per response, not combined into HERO rewards: what a
-        group assembled across requests and replicas sends to the group store."""
-        verifier = self.check(request)
-        n_rollouts = sum(len(g.responses) for g in request.groups)
-        self._admit(n_rollouts)
-        try:
-            if request.mode != "verifier" and any(g.rm_scores is None for g in request.groups):
-                self._refuse_while_reward_model_down()
-            verify_task = asyncio.ensure_future(self._verify(verifier, request.groups))
-            rm_task = asyncio.ensure_future(self._reward_model_scores(request))
-            # Both run to completion even if one fails, so no work is orphaned.
-            outcomes = await asyncio.gather(verify_task, rm_task, return_exceptions=True)
-        finally:
-            self._release(n_rollouts)
+        group assembled across requests and replicas sends to the group store. The caller has
+        checked the request (:meth:`check`) and holds its permit (:meth:`admit`)."""
+        if request.mode != "verifier" and any(g.rm_scores is None for g in request.groups):
+            self._refuse_while_reward_model_down()
+        verify_task = asyncio.ensure_future(self._verify(verifier, request.groups))
+        rm_task = asyncio.ensure_future(self._reward_model_scores(request))
+        # Both run to completion even if one fails, so no work is orphaned.
+        outcomes = await asyncio.gather(verify_task, rm_task, return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
         (verdicts, verify_ms), (rm_results, rm_ms) = outcomes  # type: ignore[misc]
-        return LocalScores(verifier, verdicts, rm_results, verify_ms, rm_ms, n_rollouts)
-
-    def _admit(self, n: int) -> None:
-        limit = self.settings.max_queued_rollouts
-        if n > limit:
-            # Would not fit even on an idle server: a final 413, not a 429 no retry can pass.
-            self.metrics.rejected.labels("too_many_rollouts").inc()
-            raise TooManyRollouts(n, limit, "--max-queued-rollouts")
-        if self._admitted + n > limit:
-            self.metrics.rejected.labels("overloaded").inc()
-            raise Overloaded(f"{self._admitted} rollouts in flight (limit {limit}); retry later")
-        self._admitted += n
-        self.metrics.queue_depth.set(self._admitted)
+        return LocalScores(verifier, verdicts, rm_results, verify_ms, rm_ms, n_rollouts(request))
 
     def _refuse_while_reward_model_down(self) -> None:
         """503 at once while the RM's circuit breaker is open: no verifying, no queueing, no
@@ -188,14 +188,6 @@ class Pipeline:
         except RewardModelUnavailable as exc:
             self.metrics.rejected.labels("reward_model_unavailable").inc()
             raise _unavailable(exc) from exc
-
-    def _release(self, n: int) -> None:
-        self._admitted -= n
-        self.metrics.queue_depth.set(self._admitted)
-
-    @property
-    def in_flight(self) -> int:
-        return self._admitted
 
     async def _verify(
         self, verifier: Verifier, groups: Sequence[Group]
@@ -257,14 +249,10 @@ class Pipeline:
                 )
         return results, (time.perf_counter() - started) * 1000.0
 
-    def _combine(
-        self,
-        request: RewardsRequest,
-        verifier: Verifier,
-        verdicts: list[list[Verdict]],
-        rm_results: list[_RMResult | None],
-        running_sigma_ref: Optional[float],
-    ) -> RewardsResponse:
+    def combine(self, request: RewardsRequest, local: LocalScores,
+                running_sigma_ref: Optional[float]) -> RewardsResponse:
+        """HERO over the request's whole groups, from their local scores."""
+        verdicts, rm_results = local.verdicts, local.rm_results
         p = request.params
         params = hero_params(p)
         sigmas = [hero.group_sigma(r.scores) if r else None for r in rm_results]
@@ -284,7 +272,7 @@ class Pipeline:
             request_id=request.request_id,
             mode=request.mode,
             reward_model=self.reward_model.model_id,
-            verifier=verifier.name,  # type: ignore[arg-type]
+            verifier=local.verifier.name,  # type: ignore[arg-type]
             sigma_ref=sigma_ref,
             groups=groups,
         )

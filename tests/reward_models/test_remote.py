@@ -447,7 +447,7 @@ def test_load_reward_model_builds_the_remote_backend(server):
 
 def test_batcher_end_to_end(server, make_model):
     model = make_model(f"{server.url}/classify")
-    batcher = Batcher(model, max_batch_tokens=64, max_wait_ms=2, max_queued=100, metrics=Metrics())
+    batcher = Batcher(model, max_batch_tokens=64, max_wait_ms=2, metrics=Metrics())
     batcher.start()
     many = [ScoringItem("q", "r" * k) for k in range(1, 30)]
     many_expected = [standin.raw_score(f"q\n{'r' * k}") for k in range(1, 30)]
@@ -483,7 +483,7 @@ def test_batcher_against_a_hung_server_makes_one_call_then_recovers(server, make
     model = make_model(f"{server.url}/classify?model={standin.MODEL_NAME}", timeout_s=0.5)
     metrics = Metrics()
     # A small token budget: the 64 rollouts are many batches, each of which used to be bisected.
-    batcher = Batcher(model, max_batch_tokens=64, max_wait_ms=0, max_queued=1000,
+    batcher = Batcher(model, max_batch_tokens=64, max_wait_ms=0,
                       metrics=metrics, breaker_cooldown_s=0.5)
     batcher.start()
     rollouts = [ScoringItem("q", f"response number {i}") for i in range(64)]

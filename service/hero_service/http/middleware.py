@@ -9,6 +9,7 @@ import time
 import uuid
 from typing import Any, Awaitable, Callable
 
+from ..admission import Admission
 from ..metrics import Metrics
 
 log = logging.getLogger("hero_service.access")
@@ -42,23 +43,22 @@ class LoadShedding:
 
     Under a retry storm most requests are refused; refusing them after JSON parsing and
     validation spends the CPU the admitted ones need (on a small CPU box goodput collapsed to a
-    quarter). The pipeline's own admission check stays the precise one."""
+    quarter). It only asks whether the admission is full; taking the request's permit (after
+    parsing, when its size is known) stays the precise check."""
 
-    def __init__(self, app: ASGIApp, service: Any, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, admission: Admission, metrics: Metrics) -> None:
         self.app = app
-        self.service = service
+        self.admission = admission
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        pipeline = self.service.pipeline
-        if (scope["type"] == "http" and scope["path"] in SCORING_PATHS and pipeline is not None
-                and pipeline.in_flight >= self.service.settings.max_queued_rollouts):
+        if (scope["type"] == "http" and scope["path"] in SCORING_PATHS
+                and self.admission.full):
             self.metrics.rejected.labels("overloaded").inc()
+            error = self.admission.overloaded()
             start, body = _json_error(
-                429, "overloaded",
-                f"{pipeline.in_flight} rollouts in flight (limit "
-                f"{self.service.settings.max_queued_rollouts}); retry later",
-                None, [(b"retry-after", b"1")])
+                error.status, error.code, error.message, None,
+                [(b"retry-after", str(error.retry_after_s).encode())])
             await send(start)
             await send({"type": "http.response.body", "body": body})
             return

@@ -58,7 +58,7 @@ from hero_client.schema import (
 )
 
 from .. import special_tokens
-from ..errors import InputError, NotReady, Overloaded, ServiceError, TooManyRollouts
+from ..errors import InputError, Overloaded, ServiceError
 from ..group_store import (
     ClosedGroup, GroupKey, GroupStore, GroupStoreUnavailable, Member, MemberOutcome,
     stable_digest,
@@ -188,6 +188,16 @@ def assembled_combine(params: HeroParams,
     return combine
 
 
+async def check_room_to_wait(store: GroupStore, rollouts: int) -> None:
+    """The store's own bound on members waiting in open groups, across every replica sharing it
+    (it protects the store's memory; this replica's permit is the bound the HTTP layer asks).
+    Checked for the whole request before any join, which then skips it (``admitted=True``)."""
+    waiting = await store.waiting()
+    if waiting + rollouts > store.max_waiting:
+        raise Overloaded(f"{waiting} rollouts waiting for their groups "
+                         f"(limit {store.max_waiting}); retry later")
+
+
 def member_base_id(run: str, n: int, prompt: str, label: Optional[str], query: str) -> str:
     return stable_digest("get_reward", run, n, prompt, label, query)
 
@@ -272,26 +282,22 @@ class GetRewardScorer:
                                should_stop) -> None:
         rewards_request = RewardsRequest(groups=groups)
         # Validate here so one caller's bad query cannot fail the others in its group.
-        self.pipeline.check(rewards_request)
-        # A multi-group request is admitted whole or not at all: the bound is checked for the
-        # whole request before any join (each join is all-or-nothing on its own).
-        total = len(request.query)
-        if total > self.store.max_waiting:
-            raise TooManyRollouts(total, self.store.max_waiting,
-                                  "--max-queued-rollouts, rollouts waiting for their groups",
-                                  field="query")
-        waiting = await self.store.waiting()
-        if waiting + total > self.store.max_waiting:
-            raise Overloaded(f"{waiting} rollouts waiting for their groups "
-                             f"(limit {self.store.max_waiting}); retry later")
-        local = await self.pipeline.score_locally(rewards_request)
-        self.pipeline.metrics.rollouts_scored.labels("hero").inc(local.n_rollouts)
-        async with self._attached(request, split, run, size) as member_ids:
-            joins = [self.store.join(GroupKey.for_prompt(run, q.prompt, q.label, size),
-                                     _members(local, g, q, member_ids),
-                                     assembled_combine(rewards_request.params), admitted=True)
-                     for g, q in enumerate(split.groups)]
-            outcomes = await self.wait_for(asyncio.gather(*joins), member_ids, should_stop)
+        verifier = self.pipeline.check(rewards_request)
+        # Admitted whole or not at all, and the permit is held while the request waits for its
+        # groups (parked rollouts count against the bound).
+        with self.pipeline.admit(rewards_request, field="query") as permit:
+            await check_room_to_wait(self.store, len(request.query))
+            local = await self.pipeline.score_locally(rewards_request, verifier)
+            self.pipeline.metrics.rollouts_scored.labels("hero").inc(local.n_rollouts)
+            async with self._attached(request, split, run, size) as member_ids:
+                joins = [self.store.join(GroupKey.for_prompt(run, q.prompt, q.label, size),
+                                         _members(local, g, q, member_ids),
+                                         assembled_combine(rewards_request.params),
+                                         admitted=True)
+                         for g, q in enumerate(split.groups)]
+                permit.park()
+                outcomes = await self.wait_for(asyncio.gather(*joins), member_ids,
+                                               should_stop)
         for q, group_outcomes in zip(split.groups, outcomes):
             for position, outcome in zip(q.positions, group_outcomes):
                 results[position] = _query_result(outcome)

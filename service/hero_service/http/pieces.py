@@ -12,10 +12,12 @@ from typing import Optional
 
 from hero_client.schema import Group, GroupResult, RewardsRequest, RewardsResponse
 
-from ..errors import Overloaded, TooManyRollouts
+from ..admission import Permit
 from ..group_store import GroupKey, GroupStore, Member, MemberOutcome, stable_digest
-from ..pipeline import Pipeline
-from .openrlhf import DEFAULT_RUN, GetRewardScorer, StopCheck, assembled_combine
+from ..pipeline import LocalScores, Pipeline
+from .openrlhf import (
+    DEFAULT_RUN, GetRewardScorer, StopCheck, assembled_combine, check_room_to_wait,
+)
 
 
 def has_pieces(request: RewardsRequest) -> bool:
@@ -45,16 +47,17 @@ async def score_rewards_with_pieces(pipeline: Pipeline, store: GroupStore,
     started = time.perf_counter()
     verifier = pipeline.check(request)
     pieces = [g for g, group in enumerate(request.groups) if group.group_key is not None]
-    waiting_rollouts = sum(len(request.groups[g].responses) for g in pieces)
-    # Admitted whole or not at all (each join is all-or-nothing on its own).
-    if waiting_rollouts > store.max_waiting:
-        raise TooManyRollouts(waiting_rollouts, store.max_waiting,
-                              "--max-queued-rollouts, rollouts waiting for their groups")
-    waiting = await store.waiting()
-    if waiting + waiting_rollouts > store.max_waiting:
-        raise Overloaded(f"{waiting} rollouts waiting for their groups "
-                         f"(limit {store.max_waiting}); retry later")
-    local = await pipeline.score_locally(request)
+    with pipeline.admit(request) as permit:
+        await check_room_to_wait(store, sum(len(request.groups[g].responses) for g in pieces))
+        local = await pipeline.score_locally(request, verifier)
+        return await _assemble(pipeline, store, scorer, request, run, should_stop, started,
+                               pieces, local, permit)
+
+
+async def _assemble(pipeline: Pipeline, store: GroupStore, scorer: GetRewardScorer,
+                    request: RewardsRequest, run: str, should_stop: Optional[StopCheck],
+                    started: float, pieces: list[int], local: LocalScores,
+                    permit: Permit) -> RewardsResponse:
     whole = [g for g in range(len(request.groups)) if g not in pieces]
     results: list[Optional[GroupResult]] = [None] * len(request.groups)
     sigma_ref = request.params.sigma_ref
@@ -62,8 +65,7 @@ async def score_rewards_with_pieces(pipeline: Pipeline, store: GroupStore,
         sub = RewardsRequest(request_id=request.request_id, mode=request.mode,
                              verifier=request.verifier, params=request.params,
                              groups=[request.groups[g] for g in whole])
-        combined = pipeline._combine(sub, verifier, [local.verdicts[g] for g in whole],
-                                     [local.rm_results[g] for g in whole], None)
+        combined = pipeline.combine(sub, local.only(whole), None)
         sigma_ref = combined.sigma_ref
         for g, result in zip(whole, combined.groups):
             results[g] = result.model_copy(update={"id": request.groups[g].id or str(g)})
@@ -86,6 +88,7 @@ async def score_rewards_with_pieces(pipeline: Pipeline, store: GroupStore,
             joins.append(store.join(
                 GroupKey.for_group_key(run, group.group_key, group.group_size), members,
                 assembled_combine(request.params, request.mode), admitted=True))
+        permit.park()
         outcomes = await scorer.wait_for(asyncio.gather(*joins), ids, should_stop)
     for g, group_outcomes in zip(pieces, outcomes):
         results[g] = piece_result(request.groups[g], g, group_outcomes)
@@ -95,5 +98,5 @@ async def score_rewards_with_pieces(pipeline: Pipeline, store: GroupStore,
     pipeline.metrics.rollouts_scored.labels(request.mode).inc(local.n_rollouts)
     return RewardsResponse(
         request_id=request.request_id, mode=request.mode,
-        reward_model=pipeline.reward_model.model_id, verifier=verifier.name,  # type: ignore[arg-type]
+        reward_model=pipeline.reward_model.model_id, verifier=local.verifier.name,  # type: ignore[arg-type]
         sigma_ref=sigma_ref, groups=results, timings_ms=local.timings(started))
