@@ -463,3 +463,31 @@ def test_expected_rewards_match_hero_directly():
     ms = (member("a", 1.0), member("b", 0.0, "incorrect"))
     direct = hero.score_group("hero", [True, False], [1.0, 0.0], hero.HeroParams(), None)
     assert hero_group(ms, None).rewards == direct.rewards
+
+
+def test_the_step_that_answers_marks_the_member_ids_delivered(stores):
+    """The claim (a waiter's) or publish (the closer's) that hands a request its group's result
+    marks its member ids' attachments delivered in the same round trip: the release afterwards
+    costs none, a renewal racing it cannot undo the mark, and the ids stay taken (without making
+    the next identical sample wait)."""
+    async def scenario(s):
+        a, b = await s.make(timeout_s=10), await s.make(timeout_s=10)
+        candidates = [f"d#{k}" for k in range(4)]
+        ids = [(await store.acquire_attachment(candidates, 5.0))[0] for store in (a, b)]
+        waiter = asyncio.ensure_future(a.join(key(2), [member(ids[0], 1.0)], combine))
+        await asyncio.sleep(0.2)
+        closer = await b.join(key(2), [member(ids[1], 0.0, "incorrect")], combine)
+        waited = await waiter
+        before = [s.stats().round_trips.get("attach_release", 0) for s in (a, b)]
+        await a.renew_attachments([ids[0]], 0.2)  # a renewal that lost the race
+        await a.release_attachments([ids[0]], delivered=True)
+        await b.release_attachments([ids[1]], delivered=True)
+        after = [s.stats().round_trips.get("attach_release", 0) for s in (a, b)]
+        await asyncio.sleep(0.4)  # past the renewal's 0.2 s lease: the mark must hold
+        return ids, closer[0], waited[0], before, after, await a.acquire_attachment(candidates,
+                                                                                  5.0)
+    ids, closer, waited, before, after, third = stores.run(scenario)
+    assert ids == ["d#0", "d#1"]
+    assert not closer.partial and waited.group == closer.group
+    assert after == before  # neither release made a round trip
+    assert third == ("d#2", False)  # both answered ids stay taken, nobody waits

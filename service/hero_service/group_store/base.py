@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 MAX_ID_CHARS = 256
 # The waiting bound of a join whose request was admitted as a whole (exact in a Lua double).
 UNBOUNDED = 2 ** 53
+# How long the sigma-bar this process's publish returned stands for a read of it.
+SIGMA_FRESH_S = 1.0
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -298,6 +300,7 @@ class Reply:
     members: tuple[Member, ...] = ()
     result: Optional[str] = None  # closed: the stored result (JSON)
     detail: str = ""  # overloaded: the reason
+    sigma_after: Optional[float] = None  # publish: the run's sigma-bar with this group folded in
 
 
 _PRIORITY = {"closer": 0, "closed": 1, "vanished": 2, "closing": 3, "waiting": 4}
@@ -393,6 +396,11 @@ class GroupStore(abc.ABC):
         self.result_ttl_s = result_ttl_s
         self.sigma_rule = sigma_rule
         self._stats = StoreStats()
+        # Member ids whose attachment the claim or publish that handed this process their
+        # result already marked delivered: releasing them as delivered costs no round trip.
+        self._marked_delivered: set[str] = set()
+        # run -> (sigma-bar, when): what this process's last publish folded it to.
+        self._sigma_seen: dict[str, tuple[float, float]] = {}
 
     # Lifecycle. ``start`` raises GroupStoreUnavailable with one clear message when the store
     # cannot be reached; ``ready`` returns None when ready, else why not (for /readyz).
@@ -459,7 +467,18 @@ class GroupStore(abc.ABC):
         return await self._fold_sigmas(run, known, groups_per_step)
 
     async def sigma_value(self, run: str) -> Optional[float]:
+        """The run's sigma-bar: as this process's own publish left it if that was within
+        ``SIGMA_FRESH_S`` (the closer reads it right after folding its group in), else read."""
+        seen = self._sigma_seen.get(run)
+        if seen is not None and time.monotonic() - seen[1] < SIGMA_FRESH_S:
+            return seen[0]
         return (await self.sigma_values()).get(run)
+
+    def _still_to_mark(self, names: Sequence[str]) -> list[str]:
+        """``names`` less those already marked delivered by this process's claim or publish."""
+        left = [n for n in names if n not in self._marked_delivered]
+        self._marked_delivered.difference_update(names)
+        return left
 
     # -- attachment leases: which member ids a live request is holding --------------------------
     # Two identical responses of one group send identical bodies; each request takes the first
@@ -485,7 +504,9 @@ class GroupStore(abc.ABC):
         caller, so the id stays taken for ``result_ttl_s`` (as long as the store remembers the
         member): the same response sampled again later is a new member, never handed the old
         group's result, while a request that did not get its answer (timed out, disconnected,
-        replica died) leaves the id free for its retry to re-attach."""
+        replica died) leaves the id free for its retry to re-attach. The claim or publish that
+        hands a waiter its group's result marks its members' ids delivered in the same step
+        (:meth:`_still_to_mark` then spares the round trip); renewals never undo the mark."""
 
     @abc.abstractmethod
     async def waiting(self) -> int:
@@ -504,14 +525,17 @@ class GroupStore(abc.ABC):
         ``max_waiting``: either one ``overloaded`` reply or one reply per member."""
 
     @abc.abstractmethod
-    async def _claim(self, key: GroupKey, gen: str) -> Reply:
-        """Where the generation stands; closes it (deadline) or takes it over (lease expired)."""
+    async def _claim(self, key: GroupKey, gen: str, deliver: Sequence[str] = ()) -> Reply:
+        """Where the generation stands; closes it (deadline) or takes it over (lease expired).
+        If it is closed, the attachments of the member ids ``deliver`` are marked delivered."""
 
     @abc.abstractmethod
     async def _publish(self, key: GroupKey, gen: str, token: str, result: str,
-                       sigma: Optional[float], groups_per_step: Optional[int]) -> Reply:
+                       sigma: Optional[float], groups_per_step: Optional[int],
+                       deliver: Sequence[str] = ()) -> Reply:
         """Store the result if ``token`` still holds the lease, fold ``sigma`` (None: the group
-        does not move sigma-bar) into the run's series, and notify."""
+        does not move sigma-bar) into the run's series (``sigma_after``: its new value), mark
+        the attachments of ``deliver`` delivered, and notify."""
 
     @abc.abstractmethod
     async def _fold_sigmas(self, run: str, sigmas: Sequence[float],
@@ -532,12 +556,16 @@ class GroupStore(abc.ABC):
         give_up_at = started + timeout_s + self.lease_s
         published_here = False
         spins = 0
+        ids = [m.member_id for m in members]
         while True:
             if reply.kind == "closed":
                 assert reply.result is not None
                 return _outcomes(reply.result, members, published_here)
             if reply.kind == "closer":
-                reply, published_here = await self._close(key, reply, combine, groups_per_step)
+                reply, published_here = await self._close(key, reply, combine, groups_per_step,
+                                                          ids)
+                if published_here:
+                    self._marked_delivered.update(ids)
                 continue
             if reply.kind == "overloaded":
                 raise GroupStoreOverloaded(f"{reply.detail}; retry later")
@@ -563,10 +591,13 @@ class GroupStore(abc.ABC):
                 if spins > 1:
                     await asyncio.sleep(min(0.01 * spins, 0.2))
             gen = reply.gen
-            reply = await self._retrying(lambda: self._claim(key, gen), give_up_at)
+            reply = await self._retrying(lambda: self._claim(key, gen, ids), give_up_at)
+            if reply.kind == "closed":
+                self._marked_delivered.update(ids)
 
     async def _close(self, key: GroupKey, reply: Reply, combine: Combine,
-                     groups_per_step: Optional[int]) -> tuple[Reply, bool]:
+                     groups_per_step: Optional[int],
+                     deliver: Sequence[str]) -> tuple[Reply, bool]:
         group: Optional[GroupResult] = None
         error: Optional[str] = None
         try:
@@ -585,8 +616,10 @@ class GroupStore(abc.ABC):
         # A failed publish is retried within the lease; past it a successor takes over anyway.
         published = await self._retrying(
             lambda: self._publish(key, reply.gen, reply.token, result, sigma if moves else None,
-                                  groups_per_step),
+                                  groups_per_step, deliver),
             time.monotonic() + self.lease_s)
+        if published.sigma_after is not None:
+            self._sigma_seen[key.run] = (published.sigma_after, time.monotonic())
         return published, published.kind == "closed" and published.result == result
 
     async def _retrying(self, op: Callable[[], Any], give_up_at: float) -> Any:

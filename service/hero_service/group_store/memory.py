@@ -164,13 +164,22 @@ class MemoryBackend:
                 replies.append(Reply("waiting", gen, remaining_s=g.deadline - now))
         return replies
 
-    def claim(self, key: GroupKey, gen: str, lease_s: float) -> Reply:
+    def claim(self, key: GroupKey, gen: str, lease_s: float, deliver: Sequence[str] = (),
+              ttl_s: float = 0.0) -> Reply:
         now = self.clock()
         self._housekeep(now)
-        return self._status(key.digest, gen, now, lease_s)
+        reply = self._status(key.digest, gen, now, lease_s)
+        if reply.kind == "closed":
+            self.mark_delivered(deliver, now + ttl_s)
+        return reply
+
+    def mark_delivered(self, names: Sequence[str], until: float) -> None:
+        for name in names:
+            self.attachments[name] = (until, True)
 
     def publish(self, key: GroupKey, gen: str, token: str, result: str, sigma: Optional[float],
-                ttl_s: float, rule: SigmaRule, groups_per_step: Optional[int]) -> Reply:
+                ttl_s: float, rule: SigmaRule, groups_per_step: Optional[int],
+                deliver: Sequence[str] = ()) -> Reply:
         now = self.clock()
         self._housekeep(now)
         g = self._gens.get((key.digest, gen))
@@ -183,10 +192,10 @@ class MemoryBackend:
         g.state = "closed"
         g.result = result
         self._expire_at(key.digest, gen, g, now + ttl_s)
-        if sigma is not None:
-            self.fold(g.run, [sigma], rule, groups_per_step)
+        after = self.fold(g.run, [sigma], rule, groups_per_step) if sigma is not None else None
+        self.mark_delivered(deliver, now + ttl_s)
         self._notify(key.digest, gen, closed=True)
-        return Reply("closed", gen, result=result)
+        return Reply("closed", gen, result=result, sigma_after=after)
 
     def fold(self, run: str, sigmas: Sequence[float], rule: SigmaRule,
              groups_per_step: Optional[int]) -> Optional[float]:
@@ -237,9 +246,14 @@ class MemoryGroupStore(GroupStore):
         self._stats.round_trips["attach_renew"] += 1
         until = self.backend.clock() + lease_s
         for name in names:
-            self.backend.attachments[name] = (until, False)
+            if not self.backend.attachments.get(name, (0.0, False))[1]:  # keep a delivered mark
+                self.backend.attachments[name] = (until, False)
 
     async def release_attachments(self, names: Sequence[str], delivered: bool = False) -> None:
+        if delivered:
+            names = self._still_to_mark(names)
+            if not names:
+                return
         self._stats.round_trips["attach_release"] += 1
         for name in names:
             if delivered:
@@ -259,15 +273,16 @@ class MemoryGroupStore(GroupStore):
         return self.backend.join(key, members, timeout_s, self.lease_s, self.result_ttl_s,
                                  max_waiting)
 
-    async def _claim(self, key: GroupKey, gen: str) -> Reply:
+    async def _claim(self, key: GroupKey, gen: str, deliver: Sequence[str] = ()) -> Reply:
         self._stats.round_trips["claim"] += 1
-        return self.backend.claim(key, gen, self.lease_s)
+        return self.backend.claim(key, gen, self.lease_s, deliver, self.result_ttl_s)
 
     async def _publish(self, key: GroupKey, gen: str, token: str, result: str,
-                       sigma: Optional[float], groups_per_step: Optional[int]) -> Reply:
+                       sigma: Optional[float], groups_per_step: Optional[int],
+                       deliver: Sequence[str] = ()) -> Reply:
         self._stats.round_trips["publish"] += 1
         return self.backend.publish(key, gen, token, result, sigma, self.result_ttl_s,
-                                    self.sigma_rule, groups_per_step)
+                                    self.sigma_rule, groups_per_step, deliver)
 
     async def _fold_sigmas(self, run: str, sigmas: Sequence[float],
                            groups_per_step: Optional[int]) -> Optional[float]:

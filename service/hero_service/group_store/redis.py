@@ -224,17 +224,19 @@ class RedisGroupStore(GroupStore):
                           f"groups (limit {self.max_waiting})")]
         return [_reply(r) for r in raw]
 
-    async def _claim(self, key: GroupKey, gen: str) -> Reply:
-        return _reply(await self._eval("claim", [key.digest, gen, self._ms(self.lease_s)]))
+    async def _claim(self, key: GroupKey, gen: str, deliver: Sequence[str] = ()) -> Reply:
+        return _reply(await self._eval("claim", [key.digest, gen, self._ms(self.lease_s),
+                                                 self._ms(self.result_ttl_s), *deliver]))
 
     async def _publish(self, key: GroupKey, gen: str, token: str, result: str,
-                       sigma: Optional[float], groups_per_step: Optional[int]) -> Reply:
+                       sigma: Optional[float], groups_per_step: Optional[int],
+                       deliver: Sequence[str] = ()) -> Reply:
         raw = await self._eval("publish", [
             key.digest, gen, token, result, self._ms(self.result_ttl_s),
-            "" if sigma is None else repr(sigma), *self._sigma_args(groups_per_step)])
+            "" if sigma is None else repr(sigma), *self._sigma_args(groups_per_step), *deliver])
         if raw[0] == "published":
             self._signals.notify((key.digest, gen))  # local waiters need not wait for pub/sub
-            return Reply("closed", gen, result=result)
+            return Reply("closed", gen, result=result, sigma_after=_num(raw[2]))
         return _reply(raw)
 
     async def _fold_sigmas(self, run: str, sigmas: Sequence[float],
@@ -270,18 +272,16 @@ class RedisGroupStore(GroupStore):
         if not names:
             return
 
-        async def renew() -> Any:
-            # SET, not PEXPIRE: a Redis restarted without its data lost the lease, and a
-            # parked request must take it back, or an identical sample would take its id and
-            # leave the group one member short (as MemoryGroupStore, which sets it too).
-            pipe = self._redis.pipeline(transaction=False)
-            for name in names:
-                pipe.set(self._attach_key(name), "1", px=self._ms(lease_s))
-            return await pipe.execute()
-
-        await self._call("attach_renew", renew)
+        # Set again, not PEXPIRE: a Redis restarted without its data lost the lease, and a
+        # parked request must take it back, or an identical sample would take its id and leave
+        # the group one member short (as MemoryGroupStore, which sets it too); but never over
+        # the delivered mark the claim that answered it may already have set.
+        await self._call("attach_renew", lambda: self._script(
+            keys=self._keys, args=["renew", self.prefix, self._ms(lease_s), *names]))
 
     async def release_attachments(self, names: Sequence[str], delivered: bool = False) -> None:
+        if delivered:
+            names = self._still_to_mark(names)
         if not names:
             return
         keys = [self._attach_key(n) for n in names]

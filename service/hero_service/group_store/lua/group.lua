@@ -1,5 +1,5 @@
 -- Every atomic step of the Redis group store, in one script (one SHA to load): ARGV[1] names the
--- step: join | claim | publish | sigma. The state machine is MemoryBackend's (memory.py), step
+-- step: join | claim | publish | sigma | renew. The state machine is MemoryBackend's (memory.py), step
 -- for step; the protocol around it is GroupStore.join (base.py).
 --
 -- KEYS: 1 waiting counter (members in open groups: the memory bound), 2 zset of open
@@ -19,6 +19,14 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local channel = prefix .. ':events'  -- messages: 'closing|digest|gen', 'closed|digest|gen'
 
 local function fmt(x) return string.format('%.17g', x) end
+
+-- The attachments of member ids ARGV[from..] stay taken as delivered for ttl_ms (the step that
+-- hands their caller the group's result marks them, so no separate release is needed).
+local function mark_delivered(from, ttl_ms)
+  for i = from, #ARGV do
+    redis.call('SET', prefix .. ':attached:' .. ARGV[i], 'delivered', 'PX', ttl_ms)
+  end
+end
 
 local function gid_of(digest, gen) return prefix .. ':{' .. digest .. '}:' .. gen end
 
@@ -189,7 +197,9 @@ if op == 'join' then
 
 elseif op == 'claim' then
   sweep()
-  return status(ARGV[3], ARGV[4], tonumber(ARGV[5]))
+  local reply = status(ARGV[3], ARGV[4], tonumber(ARGV[5]))
+  if reply[1] == 'closed' then mark_delivered(7, tonumber(ARGV[6])) end
+  return reply
 
 elseif op == 'publish' then
   local digest, gen, token, result = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
@@ -209,12 +219,26 @@ elseif op == 'publish' then
   for _, suffix in ipairs({':meta', ':order', ':data'}) do
     redis.call('PEXPIRE', gid .. suffix, ttl_ms)
   end
+  local after = ''
   if sigma ~= '' then
-    fold(redis.call('HGET', meta, 'run'), tonumber(sigma), tonumber(ARGV[9]),
-         tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12]))
+    after = fmt(fold(redis.call('HGET', meta, 'run'), tonumber(sigma), tonumber(ARGV[9]),
+                     tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])))
   end
+  mark_delivered(13, ttl_ms)
   redis.call('PUBLISH', channel, 'closed|' .. digest .. '|' .. gen)
-  return {'published', gen}
+  return {'published', gen, after}
+
+elseif op == 'renew' then
+  -- Attachment leases of a parked request, set again (a Redis restarted without its data lost
+  -- them) but never over a delivered mark.
+  local lease_ms = ARGV[3]
+  for i = 4, #ARGV do
+    local name = prefix .. ':attached:' .. ARGV[i]
+    if redis.call('GET', name) ~= 'delivered' then
+      redis.call('SET', name, '1', 'PX', lease_ms)
+    end
+  end
+  return 'ok'
 
 elseif op == 'sigma' then
   local run = ARGV[3]
