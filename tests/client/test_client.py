@@ -20,7 +20,7 @@ from hero_client import (
     RewardsResponse,
     RunningSigma,
 )
-from hero_client._client import chunk_groups
+from hero_client._client import chunk_groups, get_reward_body
 from hero_client.schema import Group
 from support import free_port, running_server
 
@@ -121,6 +121,34 @@ def test_async_client(server, dev_rows):
 
     result = asyncio.run(go())
     assert len(result.groups) == 5 and all(g.weight == 1.0 for g in result.groups)
+
+
+def test_get_reward_body_is_plain_json_lists_with_absent_fields_as_null():
+    body = get_reward_body(("q1", "q2"), None, ("4", None))
+    assert body == {"query": ["q1", "q2"], "prompts": None, "labels": ["4", None]}
+    assert json.loads(json.dumps(body)) == body
+
+
+def test_sync_and_async_get_reward_agree_with_the_verifier(server, dev_rows):
+    """The OpenRLHF protocol from both clients: the same queries give the same answers, and
+    each verdict is the verifier's on that response alone."""
+    row = next(r for r in dev_rows if 0 < sum(r["grader_correct"]) < len(r["responses"]))
+    queries = [row["prompt"] + r for r in row["responses"]]
+    prompts = [row["prompt"]] * len(queries)
+    labels = [row["reference"]] * len(queries)
+    with HeroClient(server.url, api_key="test-key") as client:
+        blocking = client.get_reward(queries, prompts=prompts, labels=labels)
+        verdicts = client.score([{"reference": row["reference"], "responses": [r]}
+                                 for r in row["responses"]], mode="verifier")
+
+    async def go():
+        async with AsyncHeroClient(server.url, api_key="test-key") as client:
+            return await client.get_reward(queries, prompts=prompts, labels=labels)
+
+    awaited = asyncio.run(go())
+    assert awaited.rewards == blocking.rewards and awaited.scores == blocking.scores
+    assert blocking.scores == [1.0 if g.verified[0] else 0.0 for g in verdicts.groups]
+    assert 0.0 < sum(blocking.scores) < len(queries)  # the row has right and wrong answers
 
 
 def test_api_errors_are_typed(server):

@@ -146,6 +146,13 @@ def _run_query(run: Optional[str]) -> Optional[dict[str, str]]:
     return None if run is None else {"run": run}
 
 
+def get_reward_body(query: Sequence[str], prompts: Optional[Sequence[str]],
+                    labels: Optional[Sequence[Optional[str]]]) -> dict[str, Any]:
+    """The ``/get_reward`` request body (OpenRLHF's remote-RM protocol) for these queries."""
+    return {"query": list(query), "prompts": list(prompts) if prompts is not None else None,
+            "labels": list(labels) if labels is not None else None}
+
+
 class _ClientBase:
     def __init__(
         self,
@@ -288,8 +295,7 @@ class HeroClient(_ClientBase):
 
     def get_reward(self, query: Sequence[str], prompts: Optional[Sequence[str]] = None,
                    labels: Optional[Sequence[Optional[str]]] = None) -> GetRewardResponse:
-        body = {"query": list(query), "prompts": list(prompts) if prompts is not None else None,
-                "labels": list(labels) if labels is not None else None}
+        body = get_reward_body(query, prompts, labels)
         return GetRewardResponse.model_validate_json(self._send("POST", "/get_reward", body).content)
 
     def info(self) -> InfoResponse:
@@ -359,8 +365,7 @@ class AsyncHeroClient(_ClientBase):
 
     async def get_reward(self, query: Sequence[str], prompts: Optional[Sequence[str]] = None,
                          labels: Optional[Sequence[Optional[str]]] = None) -> GetRewardResponse:
-        body = {"query": list(query), "prompts": list(prompts) if prompts is not None else None,
-                "labels": list(labels) if labels is not None else None}
+        body = get_reward_body(query, prompts, labels)
         response = await self._send("POST", "/get_reward", body)
         return GetRewardResponse.model_validate_json(response.content)
 
