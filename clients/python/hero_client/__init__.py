@@ -7,6 +7,8 @@
         result.groups[0].advantages
 """
 
+from importlib import metadata as _metadata
+
 from ._client import AsyncHeroClient, HeroClient
 from ._errors import (
     HeroAPIError,
@@ -28,9 +30,13 @@ from .schema import (
     RewardsResponse,
 )
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("hero-rewards")  # pip's, set once in pyproject.toml
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0.0.0+src"
 
 __all__ = [
+    "__version__",
     "AsyncHeroClient",
     "ChatMessage",
     "GetRewardResponse",

@@ -19,25 +19,15 @@ commands:
 Run 'hero-rewards COMMAND --help' for a command's options."""
 
 
-def package_version() -> str:
-    """The installed distribution's version (the one pip reports), else the module's."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("hero-rewards")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        from . import __version__
-
-        return __version__
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if args else 2
     if args[0] in ("-V", "--version"):
-        print(f"hero-rewards {package_version()}")
+        from . import __version__  # the installed distribution's (pip's) version
+
+        print(f"hero-rewards {__version__}")
         return 0
     command, rest = args[0], args[1:]
     if command == "serve":
