@@ -11,7 +11,7 @@ import pytest
 
 from hero_client import hero
 from hero_service.group_store import (
-    ClosedGroup, GroupKey, GroupScoringFailed, GroupStoreOverloaded, Member, SigmaRule,
+    Attach, ClosedGroup, GroupKey, GroupScoringFailed, GroupStoreOverloaded, Member, SigmaRule,
 )
 from hero_service.group_store.base import fold_sigma, SigmaState
 
@@ -491,3 +491,69 @@ def test_the_step_that_answers_marks_the_member_ids_delivered(stores):
     assert not closer.partial and waited.group == closer.group
     assert after == before  # neither release made a round trip
     assert third == ("d#2", False)  # both answered ids stay taken, nobody waits
+
+
+ATTACH = Attach(slots=4, lease_s=5.0, contention_wait_s=0.6)
+
+
+def test_a_join_that_attaches_picks_member_ids_in_the_same_step(stores):
+    """With Attach the join picks ``base#k`` itself (no separate attach round trip): identical
+    responses become separate members, a re-sent one whose lease was released re-attaches to
+    its member, delivered ids stay taken, and an earlier id held by a live lease makes the join
+    wait one lease's worth before it picks (a dead replica's holder would have lapsed)."""
+    async def scenario(s):
+        a, b = await s.make(timeout_s=10), await s.make(timeout_s=10)
+        seen: list[list[str]] = []
+        # two identical responses in one request: two members
+        first = asyncio.ensure_future(a.join(key(4), [member("same", 1.0), member("same", 1.0)],
+                                             combine, attach=ATTACH, on_attached=seen.append))
+        await asyncio.sleep(0.2)
+        trips = b.stats().round_trips.get("attach", 0)
+        # a third identical one on another replica: an earlier id is held live, so it waits
+        started = time.monotonic()
+        third = asyncio.ensure_future(b.join(key(4), [member("same", 1.0)], combine,
+                                             attach=ATTACH, on_attached=seen.append))
+        await asyncio.sleep(0.1)
+        waited_early = not seen[1:]
+        # the first request's client went away: its ids are released for its retry...
+        await a.release_attachments(seen[0])
+        first.cancel()
+        retry = asyncio.ensure_future(a.join(key(4), [member("same", 1.0), member("same", 1.0)],
+                                             combine, attach=ATTACH, on_attached=seen.append))
+        await asyncio.sleep(0.1)
+        last = await b.join(key(4), [member("other", 0.0, "incorrect")], combine,
+                            attach=ATTACH, on_attached=seen.append)
+        outcomes = [await retry, await third]
+        return (seen, waited_early, time.monotonic() - started, outcomes, last,
+                b.stats().round_trips.get("attach", 0) - trips)
+    seen, waited_early, elapsed, (retry, third), last, attach_trips = stores.run(scenario)
+    assert seen[0] == ["same#0", "same#1"]
+    assert seen[1] == ["same#0", "same#1"]  # the retry took its own ids back: re-attached
+    assert seen[2] == ["other#0"]  # nothing held before it: no wait
+    assert waited_early and seen[3] == ["same#2"] and elapsed >= 0.6  # waited, then picked
+    group = last[0].group
+    assert len(group.rewards) == 4 and not last[0].partial  # 2 + 1 + 1, the retry not counted
+    assert {o.member_id for o in retry + third} == {"same#0", "same#1", "same#2"}
+    assert attach_trips == 0  # no separate attach round trip
+
+
+def test_an_attaching_join_skips_delivered_ids_and_refuses_when_every_slot_is_taken(stores):
+    async def scenario(s):
+        store = await s.make(timeout_s=10)
+        one = Attach(slots=2, lease_s=5.0, contention_wait_s=0.0)
+        seen: list[list[str]] = []
+        done = await store.join(key(1, "solo"), [member("x", 1.0)], combine, attach=one,
+                                on_attached=seen.append)
+        await store.release_attachments(seen[0], delivered=True)
+        again = await store.join(key(1, "solo"), [member("x", 1.0)], combine, attach=one,
+                                 on_attached=seen.append)  # sampled again later: a new member
+        try:
+            await store.join(key(1, "solo"), [member("x", 1.0)], combine, attach=one)
+            refused = None
+        except GroupStoreOverloaded as exc:
+            refused = exc
+        return seen, done[0], again[0], refused
+    seen, done, again, refused = stores.run(scenario)
+    assert seen == [["x#0"], ["x#1"]]  # the delivered x#0 is not re-attached to
+    assert not done.partial and not again.partial
+    assert refused is not None and "2 identical responses" in refused.message

@@ -44,14 +44,14 @@ How the endpoints use it (the wiring, a follow-up to this package):
 """
 
 from .base import (
-    ClosedGroup, Combine, GroupKey, GroupScoringFailed, GroupStore, GroupStoreOverloaded,
+    Attach, ClosedGroup, Combine, GroupKey, GroupScoringFailed, GroupStore, GroupStoreOverloaded,
     GroupStoreUnavailable, Member, MemberOutcome, SigmaRule, StoreStats, stable_digest,
 )
 from .factory import create_group_store, resolved_password
 from .memory import MemoryBackend, MemoryGroupStore
 
 __all__ = [
-    "ClosedGroup", "Combine", "GroupKey", "GroupScoringFailed", "GroupStore",
+    "Attach", "ClosedGroup", "Combine", "GroupKey", "GroupScoringFailed", "GroupStore",
     "GroupStoreOverloaded", "GroupStoreUnavailable", "Member", "MemberOutcome", "MemoryBackend",
     "MemoryGroupStore", "SigmaRule", "StoreStats", "create_group_store", "resolved_password",
     "stable_digest",

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -171,6 +172,33 @@ class Member:
 
 
 @dataclass(frozen=True)
+class Attach:
+    """Member ids picked by the join itself, in the same atomic step (one round trip).
+
+    Each member's ``member_id`` is then its *base* id; the join gives it ``base#k``, the first
+    k < ``slots`` whose attachment no live request's lease holds and no delivered answer keeps,
+    and holds it for ``lease_s`` (the caller renews it while it waits, and releases it). Two
+    identical responses of one group thus become separate members, while a re-sent request
+    (whose first attempt's lease was released or lapsed) re-attaches to its member. When an
+    earlier id is held by a live lease (an identical sample, or this very request's first
+    attempt on a replica that died), the join adds nothing, waits ``contention_wait_s`` (a dead
+    holder's lease lapses meanwhile, a live one's is renewed) and then picks."""
+
+    slots: int
+    lease_s: float
+    contention_wait_s: float
+
+    def __post_init__(self) -> None:
+        if self.slots < 1 or self.lease_s <= 0 or self.contention_wait_s < 0:
+            raise ValueError("slots must be >= 1, lease_s > 0, contention_wait_s >= 0")
+
+
+def identical_overload(slots: int) -> str:
+    return (f"{slots} identical responses to this prompt are waiting or were answered "
+            "recently")
+
+
+@dataclass(frozen=True)
 class ClosedGroup:
     """What ``combine`` gets: the whole group, in join order."""
 
@@ -284,7 +312,8 @@ class StoreStats:
 
 # -- replies of the atomic primitives ----------------------------------------------------------
 
-ReplyKind = Literal["waiting", "closing", "closer", "closed", "vanished", "overloaded"]
+ReplyKind = Literal["waiting", "closing", "closer", "closed", "vanished", "overloaded",
+                    "contended"]
 
 
 @dataclass(frozen=True)
@@ -301,6 +330,7 @@ class Reply:
     result: Optional[str] = None  # closed: the stored result (JSON)
     detail: str = ""  # overloaded: the reason
     sigma_after: Optional[float] = None  # publish: the run's sigma-bar with this group folded in
+    member_id: str = ""  # join with Attach: the id the join picked for this reply's member
 
 
 _PRIORITY = {"closer": 0, "closed": 1, "vanished": 2, "closing": 3, "waiting": 4}
@@ -421,26 +451,39 @@ class GroupStore(abc.ABC):
     async def join(self, key: GroupKey, members: Sequence[Member], combine: Combine, *,
                    timeout_s: Optional[float] = None,
                    groups_per_step: Optional[int] = None,
-                   admitted: bool = False) -> list[MemberOutcome]:
+                   admitted: bool = False, attach: Optional[Attach] = None,
+                   on_attached: Optional[Callable[[list[str]], None]] = None,
+                   ) -> list[MemberOutcome]:
         """Add ``members`` to their group and wait until it closes; one outcome per member, in
         order. Raises GroupStoreOverloaded (nothing added), GroupStoreUnavailable,
         GroupScoringFailed. ``admitted``: the caller has checked its whole request against the
         waiting bound (a request of several groups is admitted whole or not at all), so this
-        join does not check it again and cannot refuse a later group of an admitted request."""
+        join does not check it again and cannot refuse a later group of an admitted request.
+        ``attach``: the join picks the member ids (see :class:`Attach`) and tells
+        ``on_attached`` which, in member order, before it waits for the group."""
         if not members:
             return []
         ids = [m.member_id for m in members]
-        if len(set(ids)) != len(ids):
+        if attach is None and len(set(ids)) != len(ids):  # base ids may repeat: one pick each
             dup = next(i for i, c in Counter(ids).items() if c > 1)
             raise ValueError(f"member_id {dup!r} appears twice in one join")
         timeout = self.timeout_s if timeout_s is None else timeout_s
         if timeout <= 0:
             raise ValueError("timeout_s must be > 0")
-        replies = await self._join(key, members, timeout,
-                                   UNBOUNDED if admitted else self.max_waiting)
+        bound = UNBOUNDED if admitted else self.max_waiting
+        replies = await self._join(key, members, timeout, bound, attach, True)
+        if replies and replies[0].kind == "contended":
+            assert attach is not None
+            await asyncio.sleep(attach.contention_wait_s)
+            replies = await self._join(key, members, timeout, bound, attach, False)
         if replies and replies[0].kind == "overloaded":
             raise GroupStoreOverloaded(
                 f"{replies[0].detail}; retry later", retry_after_s=max(1, round(self.lease_s)))
+        if attach is not None:
+            members = [dataclasses.replace(m, member_id=r.member_id)
+                       for m, r in zip(members, replies)]
+            if on_attached is not None:
+                on_attached([m.member_id for m in members])
         self._stats.members += len(members)
         by_gen: dict[str, list[int]] = {}
         for i, reply in enumerate(replies):
@@ -520,9 +563,13 @@ class GroupStore(abc.ABC):
 
     @abc.abstractmethod
     async def _join(self, key: GroupKey, members: Sequence[Member], timeout_s: float,
-                    max_waiting: int) -> list[Reply]:
+                    max_waiting: int, attach: Optional[Attach],
+                    wait_on_contention: bool) -> list[Reply]:
         """Add each member (or re-attach it), all-or-nothing against the waiting bound
-        ``max_waiting``: either one ``overloaded`` reply or one reply per member."""
+        ``max_waiting``: either one ``overloaded`` reply or one reply per member. With
+        ``attach`` the members' ids are base ids and each reply carries the picked
+        ``member_id``; with ``wait_on_contention`` an earlier id held by a live lease makes it
+        add nothing and answer one ``contended`` reply."""
 
     @abc.abstractmethod
     async def _claim(self, key: GroupKey, gen: str, deliver: Sequence[str] = ()) -> Reply:
@@ -576,7 +623,7 @@ class GroupStore(abc.ABC):
                 log.warning("group %s:%s vanished from the store; re-joining %d member(s)",
                             key.digest[:8], reply.gen, len(members))
                 replies = await self._retrying(  # admitted already: no bound again
-                    lambda: self._join(key, members, left, UNBOUNDED), give_up_at)
+                    lambda: self._join(key, members, left, UNBOUNDED, None, False), give_up_at)
                 reply = min(replies, key=lambda r: _PRIORITY.get(r.kind, -1))
                 continue
             # waiting or closing: sleep until notified, the deadline, or the lease's end.

@@ -7,14 +7,16 @@ replicas). The state machine is the same as ``lua/group.lua``'s, step for step."
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 from .base import (
-    GroupKey, GroupStore, Member, Reply, SigmaRule, SigmaState, Signals, fold_sigma,
+    Attach, GroupKey, GroupStore, Member, Reply, SigmaRule, SigmaState, Signals, fold_sigma,
+    identical_overload,
 )
 
 
@@ -122,17 +124,60 @@ class MemoryBackend:
 
     # -- the atomic steps ----------------------------------------------------------------------
 
+    def _pick_ids(self, bases: Sequence[str], attach: Attach, now: float,
+                  wait_on_contention: bool) -> Union[list[str], Reply]:
+        """The member ids an attaching join takes (see base.Attach), or the reply that stops it."""
+        picked: list[str] = []
+        contended = False
+        for base in bases:
+            choice = None
+            for k in range(attach.slots):
+                name = f"{base}#{k}"
+                if name in picked:
+                    continue
+                until, delivered = self.attachments.get(name, (0.0, False))
+                if until <= now:
+                    choice = name
+                    break
+                contended = contended or not delivered
+            if choice is None:
+                return Reply("overloaded", detail=identical_overload(attach.slots))
+            picked.append(choice)
+        if contended and wait_on_contention:
+            return Reply("contended")
+        return picked
+
     def join(self, key: GroupKey, members: Sequence[Member], timeout_s: float, lease_s: float,
-             ttl_s: float, max_waiting: int) -> list[Reply]:
+             ttl_s: float, max_waiting: int, attach: Optional[Attach] = None,
+             wait_on_contention: bool = False) -> list[Reply]:
         now = self.clock()
         self._housekeep(now)
         digest = key.digest
+        if attach is not None:
+            picked = self._pick_ids([m.member_id for m in members], attach, now,
+                                    wait_on_contention)
+            if isinstance(picked, Reply):
+                return [picked]
+            members = [dataclasses.replace(m, member_id=p) for m, p in zip(members, picked)]
         known = [self._member_gen.get((digest, m.member_id)) for m in members]
         known = [g if g is not None and (digest, g) in self._gens else None for g in known]
         new = sum(1 for g in known if g is None)
         if new and self.waiting + new > max_waiting:
             return [Reply("overloaded", detail=f"{self.waiting} responses are waiting for "
                           f"their groups (limit {max_waiting})")]
+        if attach is not None:
+            for m in members:
+                self.attachments[m.member_id] = (now + attach.lease_s, False)
+        replies = self._join_members(key, members, known, now, timeout_s, lease_s, ttl_s)
+        if attach is not None:
+            replies = [dataclasses.replace(r, member_id=m.member_id)
+                       for r, m in zip(replies, members)]
+        return replies
+
+    def _join_members(self, key: GroupKey, members: Sequence[Member],
+                      known: Sequence[Optional[str]], now: float, timeout_s: float,
+                      lease_s: float, ttl_s: float) -> list[Reply]:
+        digest = key.digest
         replies = []
         for member, gen in zip(members, known):
             if gen is not None:  # a re-sent member: re-attach, never add it twice
@@ -268,10 +313,11 @@ class MemoryGroupStore(GroupStore):
                     del self.backend.attachments[name]
 
     async def _join(self, key: GroupKey, members: Sequence[Member], timeout_s: float,
-                    max_waiting: int) -> list[Reply]:
+                    max_waiting: int, attach: Optional[Attach],
+                    wait_on_contention: bool) -> list[Reply]:
         self._stats.round_trips["join"] += 1
         return self.backend.join(key, members, timeout_s, self.lease_s, self.result_ttl_s,
-                                 max_waiting)
+                                 max_waiting, attach, wait_on_contention)
 
     async def _claim(self, key: GroupKey, gen: str, deliver: Sequence[str] = ()) -> Reply:
         self._stats.round_trips["claim"] += 1

@@ -22,6 +22,7 @@ logged: messages show the URL without its userinfo and query."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import secrets
@@ -37,7 +38,10 @@ from redis.exceptions import (
     NoPermissionError, RedisError, ResponseError,
 )
 
-from .base import GroupKey, GroupStore, GroupStoreUnavailable, Member, Reply, Signals
+from .base import (
+    Attach, GroupKey, GroupStore, GroupStoreUnavailable, Member, Reply, Signals,
+    identical_overload,
+)
 
 log = logging.getLogger(__name__)
 
@@ -212,16 +216,27 @@ class RedisGroupStore(GroupStore):
                                                          args=[op, self.prefix, *args]))
 
     async def _join(self, key: GroupKey, members: Sequence[Member], timeout_s: float,
-                    max_waiting: int) -> list[Reply]:
+                    max_waiting: int, attach: Optional[Attach],
+                    wait_on_contention: bool) -> list[Reply]:
         args: list[Any] = [key.digest, key.run, key.size, self._ms(timeout_s),
                            self._ms(self.lease_s), self._ms(self.result_ttl_s), max_waiting,
-                           secrets.token_hex(4)]
+                           secrets.token_hex(4),
+                           attach.slots if attach else 0,
+                           self._ms(attach.lease_s) if attach else 0,
+                           "1" if wait_on_contention else "0"]
         for m in members:
             args += [m.member_id, m.to_json()]
         raw = await self._eval("join", args)
         if raw and raw[0][0] == "overloaded":
+            if len(raw[0]) > 3:  # every slot of an identical response is taken
+                return [Reply("overloaded", detail=identical_overload(int(raw[0][2])))]
             return [Reply("overloaded", detail=f"{raw[0][2]} responses are waiting for their "
                           f"groups (limit {self.max_waiting})")]
+        if raw and raw[0][0] == "contended":
+            return [Reply("contended")]
+        if raw and raw[0][0] == "ids":
+            return [dataclasses.replace(_reply(r), member_id=mid)
+                    for mid, r in zip(raw[0][1:], raw[1:])]
         return [_reply(r) for r in raw]
 
     async def _claim(self, key: GroupKey, gen: str, deliver: Sequence[str] = ()) -> Reply:

@@ -133,14 +133,39 @@ if op == 'join' then
   local size, timeout_ms = tonumber(ARGV[5]), tonumber(ARGV[6])
   local lease_ms, ttl_ms, max_waiting = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
   local nonce = ARGV[10]
-  local first = 11  -- ARGV[first + 2(i-1)] = member id, the next one its data
+  -- Attach (base.Attach): slots > 0 means ARGV carries base ids and the join picks the ids.
+  local slots, attach_lease, wait_on_contention = tonumber(ARGV[11]), ARGV[12], ARGV[13] == '1'
+  local first = 14  -- ARGV[first + 2(i-1)] = member (or base) id, the next one its data
   sweep()
   local base = prefix .. ':{' .. digest .. '}'
   local head = base .. ':head'
   local n = (#ARGV - first + 1) / 2
+  local ids = {}
+  if slots > 0 then
+    local taken, contended = {}, false
+    for i = 1, n do
+      local b = ARGV[first + 2 * (i - 1)]
+      for k = 0, slots - 1 do
+        local name = b .. '#' .. k
+        if not taken[name] then
+          local v = redis.call('GET', prefix .. ':attached:' .. name)
+          if not v then
+            ids[i] = name
+            break
+          end
+          if v == '1' then contended = true end
+        end
+      end
+      if not ids[i] then return {{'overloaded', '', tostring(slots), 'identical'}} end
+      taken[ids[i]] = true
+    end
+    if contended and wait_on_contention then return {{'contended', ''}} end
+  else
+    for i = 1, n do ids[i] = ARGV[first + 2 * (i - 1)] end
+  end
   local known, new = {}, 0
   for i = 1, n do
-    local g = redis.call('GET', base .. ':m:' .. ARGV[first + 2 * (i - 1)])
+    local g = redis.call('GET', base .. ':m:' .. ids[i])
     if g and redis.call('EXISTS', gid_of(digest, g) .. ':meta') == 1 then
       known[i] = g
     else
@@ -152,12 +177,19 @@ if op == 'join' then
   if new > 0 and waiting + new > max_waiting then
     return {{'overloaded', '', tostring(waiting)}}
   end
+  if slots > 0 then
+    for i = 1, n do
+      redis.call('SET', prefix .. ':attached:' .. ids[i], '1', 'PX', attach_lease)
+    end
+  end
   local life = timeout_ms + ttl_ms
   local replies = {}
+  if slots > 0 then replies[1] = {'ids', unpack(ids)} end
+  local at = #replies
   for i = 1, n do
-    local mid, blob = ARGV[first + 2 * (i - 1)], ARGV[first + 2 * (i - 1) + 1]
+    local mid, blob = ids[i], ARGV[first + 2 * (i - 1) + 1]
     if known[i] then  -- a re-sent member: re-attach, never add it twice
-      replies[i] = status(digest, known[i], lease_ms)
+      replies[at + i] = status(digest, known[i], lease_ms)
     else
       local gen = redis.call('HGET', head, 'gen')
       if not (gen and redis.call('HGET', gid_of(digest, gen) .. ':meta', 'state') == 'open') then
@@ -185,11 +217,11 @@ if op == 'join' then
       redis.call('INCR', K_WAITING)
       local deadline = tonumber(redis.call('HGET', gid .. ':meta', 'deadline'))
       if count >= size then
-        replies[i] = closer_reply(gen, gid, begin_close(gid, '0', now + lease_ms))
+        replies[at + i] = closer_reply(gen, gid, begin_close(gid, '0', now + lease_ms))
       elseif now >= deadline then
-        replies[i] = closer_reply(gen, gid, begin_close(gid, '1', now + lease_ms))
+        replies[at + i] = closer_reply(gen, gid, begin_close(gid, '1', now + lease_ms))
       else
-        replies[i] = {'waiting', gen, tostring(deadline - now)}
+        replies[at + i] = {'waiting', gen, tostring(deadline - now)}
       end
     end
   end
