@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from adapter_support import metric, minilm_chat_tokenizer, tiny_causal_lm
-from hero_client._jsonl import build_parser
+from hero_client._score_command import build_parser
 from hero_client.adapters.openrlhf import openrlhf_args
 from support import REPO, running_server
 

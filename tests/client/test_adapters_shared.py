@@ -55,7 +55,8 @@ def test_wire_messages_keep_known_roles_send_others_as_user_and_content_as_text(
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "tool", "content": "42"},
-        {"role": "user", "content": [{"type": "text", "text": "2+"}, {"type": "text", "text": "2?"}]},
+        {"role": "user", "content": [{"type": "text", "text": "2+"},
+                                     {"type": "text", "text": "2?"}]},
         {"content": None},
         {"role": "assistant", "content": 7},
     ]

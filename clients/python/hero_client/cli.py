@@ -39,7 +39,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         return serve_main(rest)
     if command == "score":
-        from ._jsonl import main as score_main
+        from ._score_command import main as score_main
 
         return score_main(rest)
     print(f"hero-rewards: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

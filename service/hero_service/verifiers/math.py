@@ -68,7 +68,8 @@ class MathVerifier(Verifier):
             self._pool = None
 
     def ready(self) -> bool:
-        return self._pool is not None and self._pool.active()
+        # a broken pool is restarted here, so readiness heals too
+        return self._pool is not None and self._pool.restart_if_broken()
 
     @property
     def step_timeout_s(self) -> float:
@@ -93,11 +94,12 @@ class MathVerifier(Verifier):
             if not chunk:
                 continue
             self._in_flight += 1
-            task = asyncio.ensure_future(self._run(chunk))
+            task = asyncio.ensure_future(self._verify_and_answer(chunk))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, chunk: list[_Item]) -> None:
+    async def _verify_and_answer(self, chunk: list[_Item]) -> None:
+        """Verify one chunk and settle each waiting caller's future with its verdict."""
         try:
             verdicts = await self._verify_chunk([(i.reference, i.response) for i in chunk])
             for item, verdict in zip(chunk, verdicts):

@@ -88,10 +88,11 @@ class ProcessWorkerPool:
             context=context,
         )
 
-    def ensure_healthy(self) -> bool:
+    def restart_if_broken(self) -> bool:
         """pebble replaces a worker that dies during a task, but a worker that dies while idle
         (the OOM killer, an operator's kill) breaks the whole pool for good. Start a new pool
-        then, so the service heals instead of failing every later request."""
+        then, so the service heals instead of failing every later request. True: the pool (old
+        or new) takes tasks."""
         if self._pool.active:
             return True
         log.error("verifier pool is broken (a worker died outside a task); starting a new one")
@@ -104,11 +105,8 @@ class ProcessWorkerPool:
         self.restarts += 1
         return self._pool.active
 
-    def active(self) -> bool:
-        return self.ensure_healthy()
-
     async def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float) -> Any:
-        self.ensure_healthy()
+        self.restart_if_broken()
         future = self._pool.schedule(fn, args=args, timeout=timeout_s)
         try:
             # Shielded: a caller that goes away must not cancel a running task, which would kill
@@ -164,7 +162,7 @@ class ProcessWorkerPool:
 
     async def _run_tracked(self, fn: Callable[..., list[Any]], items: list[Any],
                            args: tuple[Any, ...], step_timeout_s: float) -> list[Any]:
-        self.ensure_healthy()
+        self.restart_if_broken()
         reporter = self._board.acquire()
         backstop_s = step_timeout_s * (BACKSTOP_STEPS_PER_ITEM * len(items) + 1)
         future = self._pool.schedule(fn, args=(items, *args, reporter), timeout=backstop_s)

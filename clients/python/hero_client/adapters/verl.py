@@ -121,7 +121,8 @@ _checked: set[tuple[str, str]] = set()
 _check_locks: LoopCache[asyncio.Lock] = LoopCache()
 
 
-def _settings(url: Optional[str], api_key: Optional[str]) -> tuple[str, Optional[str]]:
+def _url_and_key(url: Optional[str], api_key: Optional[str]) -> tuple[str, Optional[str]]:
+    """The service's base URL and API key: the arguments, else the environment's."""
     return (url or os.environ.get("HERO_URL") or DEFAULT_URL).rstrip("/"), \
         api_key or os.environ.get("HERO_API_KEY") or None
 
@@ -129,7 +130,7 @@ def _settings(url: Optional[str], api_key: Optional[str]) -> tuple[str, Optional
 def client_for(url: Optional[str] = None, api_key: Optional[str] = None,
                timeout: float = 300.0) -> HeroClient:
     """The process's client (with its running sigma-bar) for this service."""
-    base, key = _settings(url, api_key)
+    base, key = _url_and_key(url, api_key)
     return _clients.get((base, key), lambda: HeroClient(
         base, api_key=key, timeout=timeout, running_sigma=RunningSigma()))
 
@@ -137,7 +138,7 @@ def client_for(url: Optional[str] = None, api_key: Optional[str] = None,
 def _async_client_for(url: Optional[str], api_key: Optional[str],
                       timeout: float) -> AsyncHeroClient:
     """This event loop's client for the service (see :class:`LoopCache`)."""
-    base, key = _settings(url, api_key)
+    base, key = _url_and_key(url, api_key)
     return _async_clients.get((base, key), lambda: AsyncHeroClient(
         base, api_key=key, timeout=timeout, transport=_unpooled_transport()))
 
@@ -221,7 +222,7 @@ def check_service(url: Optional[str] = None, n: Optional[int] = None, *,
     it must have been started with ``--group-size``. Returns the service's info; raises
     ``ValueError`` saying what to change otherwise. The batch path (:func:`compute_score_batch`)
     sends whole groups and needs neither."""
-    base, key = _settings(url, api_key)
+    base, key = _url_and_key(url, api_key)
     n = _rollout_n(n)
     try:
         with HeroClient(base, api_key=key, timeout=timeout,
@@ -465,7 +466,7 @@ async def compute_score(
     ``hero_partial`` = 1)."""
     rollout_n = _rollout_n(n)
     client = _async_client_for(url, api_key, timeout)
-    base = _settings(url, api_key)[0]
+    base = _url_and_key(url, api_key)[0]
     await _ensure_groups_assemble(client, base, rollout_n)
     if rollout_n is None:
         return await _score_through_get_reward(client, base, data_source, solution_str,
