@@ -77,6 +77,11 @@ RUN pip install --no-cache-dir -c constraints.txt '.[server]' \
     && python -c "import torch; assert torch.version.cuda, 'CPU-only torch in the CUDA image'"
 
 # ---------------------------------------------------------------------------------------------
+# The two runtime stages below set up the same user, environment, port, health check and command,
+# but cannot share a stage: a stage has one parent, and theirs differ (Debian's slim Python for
+# CPU; the CUDA image, with its NVIDIA settings and forward-compatibility libraries, for CUDA),
+# while each must build with a plain --target. Keep them in step; tests/deploy checks both.
+#
 # CPU runtime.
 FROM ${PYTHON_IMAGE} AS cpu
 LABEL org.opencontainers.image.title="hero-rewards (CPU)" \
