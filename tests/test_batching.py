@@ -12,7 +12,7 @@ from typing import Sequence
 import pytest
 import torch
 
-from hero_service.batching import Batcher, _Pending, pack_batches
+from hero_service.batching import Batcher, pack_batches
 from hero_service.metrics import Metrics
 from hero_service.reward_models import Encoded, RewardModel, RewardModelError, ScoringItem
 from hero_service.reward_models.base import RewardModelUnavailable
@@ -76,16 +76,48 @@ def text(n_words: int, tag: str) -> str:
     return " ".join([tag] * n_words)
 
 
+LENGTHS = [1, 30, 7, 7, 15, 2, 64, 100, 3, 3, 3, 12]
+
+
+def encoded_of_lengths(lengths: Sequence[int]) -> list[Encoded]:
+    return [Encoded(i, n, False, None) for i, n in enumerate(lengths)]
+
+
 def test_pack_batches_respects_the_padded_token_budget():
-    lengths = [1, 30, 7, 7, 15, 2, 64, 100, 3, 3, 3, 12]
-    pending = [_Pending(Encoded(i, n, False, None), None, None, 0.0)  # type: ignore[arg-type]
-               for i, n in enumerate(lengths)]
-    batches = pack_batches(pending, max_batch_tokens=32)
-    assert sorted(p.encoded.key for b in batches for p in b) == list(range(len(lengths)))
+    batches = pack_batches(encoded_of_lengths(LENGTHS), max_batch_tokens=32)
+    assert sorted(e.key for b in batches for e in b) == list(range(len(LENGTHS)))
     for batch in batches:
-        sizes = [p.encoded.n_tokens for p in batch]
+        sizes = [e.n_tokens for e in batch]
         assert sizes == sorted(sizes)
         assert max(sizes) * len(sizes) <= 32 or len(sizes) == 1  # oversize items travel alone
+
+
+def test_pack_batches_for_a_backend_without_padding_or_with_a_batch_limit():
+    unpadded = pack_batches(encoded_of_lengths(LENGTHS), max_batch_tokens=32, padded=False)
+    assert sorted(e.key for b in unpadded for e in b) == list(range(len(LENGTHS)))
+    assert all(sum(e.n_tokens for e in b) <= 32 or len(b) == 1 for b in unpadded)
+    # Summed, short items share a batch that padding to the longest would have split.
+    assert len(unpadded) < len(pack_batches(encoded_of_lengths(LENGTHS), max_batch_tokens=32))
+    limited = pack_batches(encoded_of_lengths([1] * 10), max_batch_tokens=1000,
+                           max_batch_size=4)
+    assert [len(b) for b in limited] == [4, 4, 2]
+
+
+def test_the_batcher_honours_the_backends_batch_limit():
+    model = RecordingModel()
+    model.max_batch_size = 3
+    batcher = make_batcher(model, max_batch_tokens=4096, max_wait_ms=50)
+    texts = [f"answer {i}" for i in range(10)]
+
+    async def go():
+        return await score_concurrently(batcher, model, [texts])
+
+    try:
+        (scored,) = asyncio.run(go())
+    finally:
+        batcher.stop()
+    assert [s.score for s in scored] == [expected(t) for t in texts]
+    assert sorted(len(b) for b in model.batches) == [1, 3, 3, 3]
 
 
 async def score_concurrently(batcher, model, requests):

@@ -11,19 +11,18 @@ from typing import AsyncIterator, Callable, Optional
 from fastapi import FastAPI
 
 from . import __version__
-from .admission import Admission
 from .batching import Batcher
 from .config import Settings
-from .group_store import GroupStore, GroupStoreUnavailable, create_group_store
+from .http.auth import ApiKeyAuth
 from .http.errors import install_error_handlers
 from .http.openrlhf import GetRewardScorer
-from .http.auth import ApiKeyAuth
 from .http.middleware import BodySizeLimit, LoadShedding, QuietStartupFailure, RequestMetrics
 from .http.routes import router
 from .metrics import Metrics
 from .pipeline import Pipeline
 from .redaction import redact_text
 from .reward_models import RewardModel, load_reward_model
+from .state import Runtime, Service
 from .verifiers import ExactVerifier, MathVerifier, NoVerifier, NumericVerifier, Verifier
 
 log = logging.getLogger("hero_service")
@@ -49,78 +48,6 @@ def build_verifiers(settings: Settings, metrics: Metrics) -> dict[str, Verifier]
         "numeric": NumericVerifier(),
         "none": NoVerifier(),
     }
-
-
-class Service:
-    """Everything the routes need, created at start-up, torn down at shutdown."""
-
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        self.settings = settings
-        self.metrics = metrics
-        self.version = __version__
-        self.pipeline: Optional[Pipeline] = None
-        self.verifiers: dict[str, Verifier] = {}
-        # Assembled groups and the server-side sigma-bar per run (one replica: in memory).
-        # The one bound on the rollouts this process holds (scoring or parked).
-        self.admission = Admission(settings.max_queued_rollouts, metrics)
-        self.group_store: GroupStore = create_group_store(settings, result_ttl_s=1200)
-        self.group_store_started = False
-        self.group_store_error: Optional[str] = None  # why it could not start (for /readyz)
-        self.get_reward_scorer: Optional[GetRewardScorer] = None
-        self.draining = False
-        self.active_requests = 0  # scoring requests being answered (maintained by middleware)
-        self.startup_error: Optional[str] = None  # why the lifespan failed, in one line
-
-    def ready(self) -> bool:
-        return (self.pipeline is not None and not self.draining
-                and all(v.ready() for v in self.verifiers.values()))
-
-    async def not_ready_reason(self) -> Optional[str]:
-        """None when ready; else why not, in a few words (for /readyz)."""
-        if self.draining:
-            return "draining"
-        if not self.ready():
-            return "starting"
-        if not self.group_store_started:
-            return f"group store not reachable: {self.group_store_error or 'starting'}"
-        return await self.group_store.ready()
-
-    def require_group_store(self) -> GroupStore:
-        if not self.group_store_started:
-            raise GroupStoreUnavailable(
-                f"group store not started: {self.group_store_error or 'starting'}",
-                retry_after_s=2)
-        return self.group_store
-
-    async def start_group_store(self) -> None:
-        """Start the store; while Redis is unreachable, log one line and keep trying (the
-        service stays up, /readyz says why it is not ready, and it turns ready once Redis
-        answers)."""
-        logged = False
-        while True:
-            try:
-                await self.group_store.start()
-            except GroupStoreUnavailable as exc:
-                self.group_store_error = exc.message
-                if not logged:
-                    log.error("%s; not ready until it is reachable (retrying every 2 s)",
-                              exc.message)
-                    logged = True
-                await asyncio.sleep(2.0)
-                continue
-            self.group_store_started, self.group_store_error = True, None
-            if logged:
-                log.info("group store %s reachable; ready", self.group_store.name)
-            return
-
-    def require_pipeline(self) -> Pipeline:
-        from .errors import NotReady
-
-        if self.draining:
-            raise NotReady("service is draining (shutting down); send to another replica")
-        if self.pipeline is None:
-            raise NotReady("service is starting: the model or the verifier pool is not ready yet")
-        return self.pipeline
 
 
 def create_app(
@@ -149,24 +76,22 @@ def create_app(
             if model is not None:
                 model.close()
             raise
-        device_type = getattr(getattr(model, "device", None), "type", "remote")
         batcher = Batcher(
-            model, max_batch_tokens=settings.resolved_max_batch_tokens(device_type),
+            model, max_batch_tokens=settings.resolved_max_batch_tokens(model.device_type),
             max_wait_ms=settings.max_wait_ms, metrics=metrics)
         batcher.start()
         pipeline = Pipeline(settings, model, batcher, verifiers, metrics, service.admission)
+
         def on_sigma(run: str, value: Optional[float]) -> None:
             metrics.sigma_ref.set(value or 0.0)
             metrics.sigma_ref_by_run.labels(run).set(value or 0.0)
 
-        service.get_reward_scorer = GetRewardScorer(
-            pipeline, service.group_store, settings.group_size, on_sigma,
-            on_partial=metrics.partial_groups.inc)
+        get_reward = GetRewardScorer(pipeline, service.group_store, settings.group_size, on_sigma,
+                                     on_partial=metrics.partial_groups.inc)
         store_task = asyncio.create_task(service.start_group_store(), name="group-store-start")
-        service.verifiers = verifiers
-        service.pipeline = pipeline
+        service.started(Runtime(pipeline, verifiers, get_reward))
         log.info("ready: reward_model=%s on %s, verifier=%s, max_batch_tokens=%d",
-                 model.model_id, device_type, settings.verifier, batcher.max_batch_tokens)
+                 model.model_id, model.device_type, settings.verifier, batcher.max_batch_tokens)
         try:
             yield
         finally:

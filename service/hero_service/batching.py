@@ -4,8 +4,10 @@ futures back to the requests (the queue → batching task → backend flow of TE
 Items from all concurrent requests wait in one queue. The inference thread waits up to
 ``max_wait_ms`` for a batch to fill while items are known to be on their way (announced by
 requests still tokenizing; an idle model starts at once), sorts what it took by length (to cut
-padding), packs it into batches whose *padded* size stays within ``max_batch_tokens``, runs them,
-and resolves each item's future on the event loop. Identical inputs in flight are scored once.
+padding), packs it into batches whose cost stays within ``max_batch_tokens`` (padded size, or the
+sum of tokens for a backend that does not pad) and whose size within the backend's own batch
+limit, runs them, and resolves each item's future on the event loop. Identical inputs in flight
+are scored once.
 
 Failure semantics:
 
@@ -62,21 +64,40 @@ class _Pending:
     enqueued_at: float
 
 
-def pack_batches(items: Sequence[_Pending], max_batch_tokens: int) -> list[list[_Pending]]:
-    """Length-sorted items cut into batches whose padded size (longest × count) fits the budget.
-    An item longer than the budget goes alone."""
-    ordered = sorted(items, key=lambda p: p.encoded.n_tokens)
-    batches: list[list[_Pending]] = []
-    current: list[_Pending] = []
-    for item in ordered:
+def batch_cost(n_tokens: Sequence[int], padded: bool) -> int:
+    """Tokens a batch costs the backend: padded to its longest item, or their sum."""
+    if not n_tokens:
+        return 0
+    return max(n_tokens) * len(n_tokens) if padded else sum(n_tokens)
+
+
+def pack_indices(n_tokens: Sequence[int], max_batch_tokens: int, *, padded: bool = True,
+                 max_batch_size: int = 0) -> list[list[int]]:
+    """Positions of length-sorted items cut into batches whose cost fits the budget and whose
+    size is at most ``max_batch_size`` (0: any). An item longer than the budget goes alone."""
+    order = sorted(range(len(n_tokens)), key=lambda i: n_tokens[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    cost = 0  # of ``current``
+    for i in order:
         # Sorted ascending, so this item is the longest of the batch it joins.
-        if current and item.encoded.n_tokens * (len(current) + 1) > max_batch_tokens:
+        grown = n_tokens[i] * (len(current) + 1) if padded else cost + n_tokens[i]
+        if current and (grown > max_batch_tokens or len(current) == max_batch_size):
             batches.append(current)
-            current = []
-        current.append(item)
+            current, grown = [], n_tokens[i]
+        current.append(i)
+        cost = grown
     if current:
         batches.append(current)
     return batches
+
+
+def pack_batches(items: Sequence[Encoded], max_batch_tokens: int, *, padded: bool = True,
+                 max_batch_size: int = 0) -> list[list[Encoded]]:
+    """The batcher's packing rule (:func:`pack_indices`) over encoded items."""
+    return [[items[i] for i in batch]
+            for batch in pack_indices([e.n_tokens for e in items], max_batch_tokens,
+                                      padded=padded, max_batch_size=max_batch_size)]
 
 
 class Batcher:
@@ -218,8 +239,10 @@ class Batcher:
             taken = self._take_round()
             if taken is None:
                 return
-            for batch in pack_batches(taken, self.max_batch_tokens):
-                self._run_batch(batch)
+            for batch in pack_indices([p.encoded.n_tokens for p in taken],
+                                      self.max_batch_tokens, padded=self.model.padded,
+                                      max_batch_size=self.model.max_batch_size):
+                self._run_batch([taken[i] for i in batch])
             with self._cond:
                 self._outstanding -= len(taken)
                 self.metrics.batch_queue_depth.set(self._outstanding)
@@ -280,13 +303,13 @@ class Batcher:
 
     def _forward(self, batch: list[_Pending]) -> list[float]:
         lengths = [p.encoded.n_tokens for p in batch]
-        padded = max(lengths) * len(batch)
+        cost = batch_cost(lengths, self.model.padded)
         started = time.perf_counter()
         scores = self.model.forward([p.encoded for p in batch])
         self.metrics.forward_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(batch))
-        self.metrics.batch_tokens.observe(padded)
-        self.metrics.padding_ratio.observe(1.0 - sum(lengths) / padded)
+        self.metrics.batch_tokens.observe(cost)
+        self.metrics.padding_ratio.observe(1.0 - sum(lengths) / cost if cost else 0.0)
         if len(scores) != len(batch):
             raise RewardModelError(f"backend returned {len(scores)} scores for {len(batch)} inputs")
         if not all(math.isfinite(s) for s in scores):

@@ -13,13 +13,17 @@ from typing import Optional
 import uvicorn
 from fastapi import FastAPI
 
+from .state import Service
+
 log = logging.getLogger("hero_service")
 
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
         super().__init__(config)
-        self.service = app.state.service
+        service = app.state.service
+        assert isinstance(service, Service)
+        self.service = service
         self.drain_timeout_s = drain_timeout_s
         self._drain_started = False
 

@@ -17,14 +17,14 @@ import torch
 
 from hero_service.app import create_app
 from hero_service.config import Settings
-from hero_service.reward_models import load_reward_model
+from hero_service.reward_models import RewardModel, load_reward_model
 from hero_service.verifiers import MathVerifier
 from support import ThreadedServer, running_server
 
 POISON = "POISON: this response breaks the reward model"
 
 
-class FaultyModel:
+class FaultyModel(RewardModel):
     """The real embedded model, plus injected faults: CUDA-style OOM above a batch size, and an
     exception whenever a poisoned response is in the batch."""
 

@@ -165,7 +165,14 @@ def test_tei_large_batch_is_split_under_its_client_batch_limit(server, make_mode
     items = [ScoringItem("q", "r" * k) for k in range(1, 41)]
     expected = [standin.raw_score(f"q\n{'r' * k}") for k in range(1, 41)]
     model = make_model(f"{server.url}/predict")
-    assert score(model, items) == pytest.approx(expected)
+    assert model.max_batch_size == 32  # declared to the batcher, which splits the work
+    batcher = Batcher(model, max_batch_tokens=1_000_000, max_wait_ms=0, metrics=Metrics())
+    batcher.start()
+    try:
+        scored = asyncio.run(batcher.score(model.encode(items)))
+    finally:
+        batcher.stop()
+    assert [s.score for s in scored] == pytest.approx(expected)
     sizes = [len(r["body"]["inputs"]) for r in scoring_requests(server, "/predict")]
     assert sizes == [32, 8]
     # Without the split, TEI refuses the batch: a clear error, not a retry loop.

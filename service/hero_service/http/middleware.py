@@ -11,6 +11,7 @@ from typing import Any, Awaitable, Callable
 
 from ..admission import Admission
 from ..metrics import Metrics
+from ..state import Service
 
 log = logging.getLogger("hero_service.access")
 
@@ -119,7 +120,7 @@ class RequestMetrics:
     """Counts and times every request by route, logs one line per scoring request, and keeps
     ``service.active_requests`` (what a graceful drain waits for)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, service: Any) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, service: Service) -> None:
         self.app = app
         self.metrics = metrics
         self.service = service

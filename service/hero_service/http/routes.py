@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, get_args
+from typing import Annotated, Optional, get_args
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
@@ -18,11 +18,13 @@ from hero_client.schema import (
     VerifierName,
 )
 
-from ..errors import NotReady, ServiceError
+from ..errors import InputError, NotReady, ServiceError
 from ..group_store.base import MAX_ID_CHARS
 from ..redaction import redact_text
+from ..state import Service, service_of
 from .auth import require_api_key
 from .errors import error_response
+from .openrlhf import StopCheck
 from .pieces import has_pieces, score_rewards_with_pieces
 
 router = APIRouter()
@@ -30,30 +32,28 @@ router = APIRouter()
 _ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 503)}
 
 
-def _service(request: Request):  # -> Service (imported lazily to avoid a cycle)
-    return request.app.state.service
+ServiceDep = Annotated[Service, Depends(service_of)]
 
 
 @router.post("/v1/rewards", response_model=RewardsResponse, responses=_ERRORS,
              dependencies=[Depends(require_api_key)])
 async def rewards(
-    body: RewardsRequest, request: Request,
+    body: RewardsRequest, request: Request, service: ServiceDep,
     run: str = Query("default", min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[^\x00-\x1f]+$",
                      description="names the server-side sigma-bar series (pieces only)"),
 ) -> RewardsResponse:
     """Score prompt groups: verifier verdicts + RM scores → HERO rewards and advantages. Groups
     with ``group_key`` + ``group_size`` are pieces, assembled with the other pieces of their
     group (on any replica) before HERO is computed; each caller gets its own entries."""
-    service = _service(request)
-    pipeline = service.require_pipeline()
+    runtime = service.require_runtime()
     if not has_pieces(body):
-        return await pipeline.score(body)
+        return await runtime.pipeline.score(body)
     store = service.require_group_store()
-    return await score_rewards_with_pieces(pipeline, store, service.get_reward_scorer, body,
+    return await score_rewards_with_pieces(runtime.pipeline, store, runtime.get_reward, body,
                                            run, _stop_check(service, request))
 
 
-def _stop_check(service, request: Request):
+def _stop_check(service: Service, request: Request) -> StopCheck:
     async def should_stop() -> Optional[ServiceError]:
         # Parked requests answer 503 + Retry-After at once on SIGTERM (their members stay in
         # the store: the client's retry re-attaches elsewhere), and let go of their member ids
@@ -70,7 +70,7 @@ def _stop_check(service, request: Request):
 @router.post("/get_reward", response_model=GetRewardResponse, responses=_ERRORS,
              dependencies=[Depends(require_api_key)])
 async def get_reward(
-    body: GetRewardRequest, request: Request,
+    body: GetRewardRequest, request: Request, service: ServiceDep,
     n: Optional[int] = Query(None, ge=0, description="group size for this trainer (overrides "
                              "--group-size; 0: score each request whole)"),
     run: str = Query("default", min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[^\x00-\x1f]+$",
@@ -81,16 +81,13 @@ async def get_reward(
     replicas. sigma_ref is the run's server-side running mean (``?run=``; OpenRLHF cannot send
     one). ``scores`` are the verdicts (1.0 verified, else 0.0), ``rewards`` the HERO rewards; see
     ``http/openrlhf.py`` for prompts, labels, EOS text and member ids."""
-    service = _service(request)
-    pipeline = service.require_pipeline()
-    if n is not None and n > pipeline.settings.max_responses_per_group:
-        from ..errors import InputError
-
-        raise InputError(f"n={n}; the limit is {pipeline.settings.max_responses_per_group} "
-                         "(--max-responses-per-group)", "n")
+    runtime = service.require_runtime()
+    limit = service.settings.max_responses_per_group
+    if n is not None and n > limit:
+        raise InputError(f"n={n}; the limit is {limit} (--max-responses-per-group)", "n")
     service.require_group_store()
-    return await service.get_reward_scorer.score(body, n=n, run=run,
-                                                 should_stop=_stop_check(service, request))
+    return await runtime.get_reward.score(body, n=n, run=run,
+                                          should_stop=_stop_check(service, request))
 
 
 class _Draining(NotReady):
@@ -104,9 +101,8 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses={503: {"model": ErrorResponse}})
-async def readyz(request: Request) -> Response:
+async def readyz(service: ServiceDep) -> Response:
     """Readiness: model loaded, verifier pool up, not draining."""
-    service = _service(request)
     reason = await service.not_ready_reason()
     if reason is None:
         return Response('{"status":"ready"}', media_type="application/json")
@@ -114,16 +110,15 @@ async def readyz(request: Request) -> Response:
 
 
 @router.get("/metrics")
-async def metrics(request: Request) -> Response:
-    service = _service(request)
+async def metrics(service: ServiceDep) -> Response:
     m = service.metrics
     store = service.group_store
     stats = store.stats()
     for op, count in stats.round_trips.items():
         m.group_store_round_trips.labels(op).set(count)
     m.group_store_members.set(stats.members)
-    if service.get_reward_scorer is not None:
-        m.group_waiting_requests.set(service.get_reward_scorer.parked)
+    if service.runtime is not None:
+        m.group_waiting_requests.set(service.runtime.get_reward.parked)
     if service.group_store_started:
         try:
             m.group_waiting_members.set(await store.waiting())
@@ -133,14 +128,14 @@ async def metrics(request: Request) -> Response:
 
 
 @router.get("/v1/info", response_model=InfoResponse)
-async def info(request: Request) -> InfoResponse:
-    service = _service(request)
+async def info(service: ServiceDep) -> InfoResponse:
     s = service.settings
-    pipeline = service.pipeline
+    runtime = service.runtime
     return InfoResponse(
         version=service.version,
         # /v1/info is open: the model id must never carry a URL's credentials.
-        reward_model=redact_text(pipeline.reward_model.model_id if pipeline else s.reward_model),
+        reward_model=redact_text(runtime.pipeline.reward_model.model_id if runtime
+                                 else s.reward_model),
         verifier=s.verifier,
         verifiers=list(get_args(VerifierName)),
         modes=list(get_args(Mode)),
@@ -154,7 +149,7 @@ async def info(request: Request) -> InfoResponse:
     )
 
 
-async def _sigma_values(service) -> dict[str, float]:
+async def _sigma_values(service: Service) -> dict[str, float]:
     if not service.group_store_started:
         return {}
     try:

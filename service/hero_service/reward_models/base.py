@@ -49,9 +49,18 @@ class RewardModelUnavailable(RewardModelError):
 
 
 class RewardModel(abc.ABC):
+    """A backend. Besides scoring, it declares what the batcher needs to batch for it (as TEI's
+    backends declare ``requires_padding`` and ``max_batch_requests``)."""
+
     model_id: str
     needs_reference: bool = False
     max_tokens: int
+    # Where it runs ("cpu", "cuda", "mps", "remote"): picks the default token budget.
+    device_type: str = "cpu"
+    # A batch costs its longest item × its size (padded to a rectangle); else the sum of tokens.
+    padded: bool = True
+    # The most items one forward may take (0: no limit); the batcher never sends more.
+    max_batch_size: int = 0
 
     @abc.abstractmethod
     def encode(self, items: Sequence[ScoringItem]) -> list[Encoded]:

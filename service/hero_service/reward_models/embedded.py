@@ -38,6 +38,7 @@ class EmbeddedRewardModel(RewardModel):
         path = embedded_model_path()
         self.model_id = "embedded:all-MiniLM-L6-v2"
         self.device = resolve_device(device)
+        self.device_type = self.device.type
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).to(self.device).eval()
         positions = int(self.model.config.max_position_embeddings)

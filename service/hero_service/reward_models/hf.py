@@ -48,6 +48,7 @@ class HFRewardModel(RewardModel):
             raise FileNotFoundError(f"reward model directory {path} does not exist")
         self.model_id = f"hf:{path.name}"
         self.device = resolve_device(device)
+        self.device_type = self.device.type
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.model = self._load(path, trust_remote_code)

@@ -39,6 +39,7 @@ def render(messages: Sequence[dict[str, str]], response: str) -> str:
 
 class RemoteRewardModel(RewardModel):
     needs_reference = False
+    device_type = "remote"
 
     def __init__(
         self,
@@ -59,7 +60,8 @@ class RemoteRewardModel(RewardModel):
         self.model_id = f"remote:{self.options.shown_spec}"
         self.max_tokens = max_length or DEFAULT_MAX_TOKENS
         self.max_chars = self.max_tokens * CHARS_PER_TOKEN
-        self.max_batch = self.options.max_batch
+        # TEI's --max-client-batch-size (32 by default): the batcher sends no larger batch.
+        self.max_batch_size = self.options.max_batch
         self.timeout_s = float(timeout_s)
         api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self._transport = RetryingTransport(
@@ -109,13 +111,8 @@ class RemoteRewardModel(RewardModel):
         payloads = [e.payload for e in batch]
         if isinstance(codec, VLLMCodec) and self.options.input_mode == "chat":
             return self._forward_chat(codec, payloads)
-        size = self.max_batch or len(payloads)
-        scores: list[float] = []
-        for start in range(0, len(payloads), size):
-            chunk = payloads[start:start + size]
-            answer = self._transport.post(self.endpoint, codec.body(chunk))
-            scores.extend(codec.parse(answer, len(chunk)))
-        return scores
+        return codec.parse(self._transport.post(self.endpoint, codec.body(payloads)),
+                           len(payloads))
 
     def _forward_chat(self, codec: VLLMCodec, conversations: list[Any]) -> list[float]:
         if self._pool is None:
