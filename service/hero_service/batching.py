@@ -187,12 +187,19 @@ class Batcher:
             for key, pending in fresh.items():
                 pending.enqueued_at = now
                 self._inflight[key] = pending.future
-                pending.future.add_done_callback(lambda _f, k=key: self._inflight.pop(k, None))
+                pending.future.add_done_callback(self._forget(key))
                 self._queue.append(pending)
             self._outstanding += len(fresh)
             self.metrics.batch_queue_depth.set(self._outstanding)
             self._cond.notify()
         return futures
+
+    def _forget(self, key: Hashable) -> Callable[[asyncio.Future[ScoredItem]], None]:
+        """A done-callback: the item is no longer in flight (later identical ones run anew)."""
+        def forget(_future: asyncio.Future[ScoredItem]) -> None:
+            self._inflight.pop(key, None)
+
+        return forget
 
     async def score(self, encoded: Sequence[Encoded]) -> list[ScoredItem]:
         futures = self.submit(encoded)
@@ -265,7 +272,7 @@ class Batcher:
             # Opened by an earlier batch of this round (or of a bisection): no call.
             return [self._refused(self.breaker.retry_after_s())] * len(batch)
         try:
-            scores = list(self._forward(batch))
+            scores: list[float | RewardModelError] = list(self._forward(batch))
         except RewardModelUnavailable as exc:
             self.metrics.rm_unavailable_batches.inc()
             self.breaker.record_failure(str(exc))

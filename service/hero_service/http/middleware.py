@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 from ..admission import Admission
 from ..metrics import Metrics
@@ -28,7 +28,7 @@ class _TooLarge(BaseException):
 
 
 def _json_error(status: int, code: str, message: str, field: str | None = "body",
-                extra_headers: list[tuple[bytes, bytes]] = ()) -> tuple[dict[str, Any], bytes]:
+                extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> tuple[dict[str, Any], bytes]:
     body = json.dumps({"error": {"code": code, "message": message, "field": field}}).encode()
     start = {"type": "http.response.start", "status": status,
              "headers": [(b"content-type", b"application/json"),

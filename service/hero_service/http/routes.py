@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional, get_args
+from typing import Annotated, Any, Optional, get_args
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
@@ -29,7 +29,8 @@ from .pieces import has_pieces, score_rewards_with_pieces
 
 router = APIRouter()
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 503)}
 
 
 ServiceDep = Annotated[Service, Depends(service_of)]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from ..special_tokens import DEFAULT_SPECIAL_TOKEN_TEXTS, TrailingTokenStripper
 from . import templates
@@ -64,7 +64,7 @@ class HFRewardModel(RewardModel):
         self.strip_special_tokens = TrailingTokenStripper(
             (*DEFAULT_SPECIAL_TOKEN_TEXTS, *self.tokenizer.all_special_tokens))
 
-    def _load(self, path: Path, trust_remote_code: bool) -> torch.nn.Module:
+    def _load(self, path: Path, trust_remote_code: bool) -> PreTrainedModel:
         kwargs = dict(dtype=self.dtype, trust_remote_code=trust_remote_code)
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -98,7 +98,7 @@ class HFRewardModel(RewardModel):
     def render(self, prompt: list[dict[str, str]], response: str) -> str:
         if self.has_chat_template:
             conversation = [*prompt, {"role": "assistant", "content": response}]
-            return self.tokenizer.apply_chat_template(conversation, tokenize=False)
+            return _text(self.tokenizer.apply_chat_template(conversation, tokenize=False))
         context = "\n".join(m["content"] for m in prompt)
         return f"{context}\n{response}" if context else response
 
@@ -127,7 +127,7 @@ class HFRewardModel(RewardModel):
             overhead = len(self._token_ids(self.render(messages, "")))
             response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
             kept, _ = tail(response_ids, self.max_tokens - overhead)
-            shortened = self.tokenizer.decode(kept)
+            shortened = _text(self.tokenizer.decode(kept))
             ids = self._token_ids(self.render(messages, shortened))
             ids, _ = tail(ids, self.max_tokens)
         return Encoded(
@@ -145,3 +145,10 @@ class HFRewardModel(RewardModel):
         ids, mask = pad_right([e.payload for e in batch], self.tokenizer.pad_token_id, self.device)
         logits = self.model(input_ids=ids, attention_mask=mask).logits
         return logits[:, 0].float().cpu().tolist()
+
+
+def _text(value: object) -> str:
+    """What the tokenizer returns for one text (its stubs allow a list or an encoding too)."""
+    if not isinstance(value, str):
+        raise TypeError(f"the tokenizer returned {type(value).__name__}, not text")
+    return value
