@@ -272,7 +272,7 @@ class Pipeline:
             request_id=request.request_id,
             mode=request.mode,
             reward_model=self.reward_model.model_id,
-            verifier=local.verifier.name,  # type: ignore[arg-type]
+            verifier=local.verifier.name,
             sigma_ref=sigma_ref,
             groups=groups,
         )
