@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workload import Workload, load_rows  # noqa: E402
+from workload import Workload, load_rows
 
 
 def reference_padding(rounds: int = 3) -> None:

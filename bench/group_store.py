@@ -36,14 +36,13 @@ import asyncio
 import datetime as dt
 import json
 import os
-import re
-import signal
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -54,13 +53,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import httpx  # noqa: E402
-import psutil  # noqa: E402
+import metrics  # noqa: E402
+from machine import cores, git_commit, progress_log  # noqa: E402
+from procs import ServerGroup, cpu_seconds, hero_server, stop_on_sigterm  # noqa: E402
+from redis_support import RedisServer  # noqa: E402
+from stats import percentile, rounded  # noqa: E402
+from targets import AT_LEAST, AT_MOST, target, target_lines  # noqa: E402
+from workload import BenchGroup, Workload, load_rows  # noqa: E402
 
 from hero_client import AsyncHeroClient, hero  # noqa: E402
 from hero_client.schema import HeroParams  # noqa: E402
-from procs import Server, hero_server  # noqa: E402
-from redis_support import RedisServer  # noqa: E402
-from workload import BenchGroup, Workload, load_rows  # noqa: E402
 
 GROUP_SIZE = 8
 RUN = "bench-group-store"  # the sigma-bar series both services keep (?run=)
@@ -92,8 +94,7 @@ QUICK = Plan("quick", groups=8, rounds=2, piece_rounds=1, concurrency=64, interl
              warm_groups=2, budget_s=200.0)
 
 
-def log(msg: str) -> None:
-    print(f"[group-store {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = progress_log("group-store")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,24 +136,12 @@ class Round:
         lat = sorted(self.latencies)
         return {"round": self.number, "rollouts": self.rollouts,
                 "rollouts_per_s": round(self.rate, 3), "elapsed_s": round(self.elapsed_s, 3),
-                "errors": self.errors, "latency_p50_s": _round(_pct(lat, 50)),
-                "latency_p99_s": _round(_pct(lat, 99)),
+                "errors": self.errors, "latency_p50_s": rounded(percentile(lat, 50)),
+                "latency_p99_s": rounded(percentile(lat, 99)),
                 "round_trips": {k: round(v, 1) for k, v in sorted(self.round_trips.items())},
                 "server_cpu_s": round(self.server_cpu_s, 3),
                 "redis_cpu_s": round(self.redis_cpu_s, 3),
                 "deduplicated_rollouts": self.deduplicated}
-
-
-def _round(x: Optional[float], nd: int = 4) -> Optional[float]:
-    return None if x is None else round(x, nd)
-
-
-def _pct(sorted_values: list[float], p: float) -> Optional[float]:
-    if not sorted_values:
-        return None
-    k = (len(sorted_values) - 1) * p / 100.0
-    lo, hi = int(k), min(int(k) + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +203,7 @@ async def drive(calls: list[Call], send: Send, concurrency: int, record: Round) 
             t = time.perf_counter()
             try:
                 answer = await send(call)
-            except Exception as exc:  # noqa: BLE001 - counted and shown; the round is invalid
+            except Exception as exc:
                 record.errors += 1
                 log(f"{record.store} {record.pattern}: request failed: "
                     f"{type(exc).__name__}: {exc}")
@@ -235,10 +224,9 @@ async def drive(calls: list[Call], send: Send, concurrency: int, record: Round) 
 async def scrape(http: httpx.AsyncClient) -> dict[str, float]:
     """Round trips by op (``rt:<op>``) and the dedupe counter from one ``/metrics`` read."""
     text = (await http.get("/metrics")).text
-    out = {f"rt:{m.group(1)}": float(m.group(2)) for m in re.finditer(
-        r'^hero_group_store_round_trips\{op="([^"]+)"\} ([0-9.eE+-]+)$', text, re.M)}
-    dedupe = re.search(r"^hero_deduplicated_rollouts_total ([0-9.eE+-]+)$", text, re.M)
-    out["deduplicated"] = float(dedupe.group(1)) if dedupe else 0.0
+    trips = metrics.by_label(text, "hero_group_store_round_trips", "op")
+    out = {f"rt:{op}": n for op, n in trips.items()}
+    out["deduplicated"] = metrics.unlabelled(text, "hero_deduplicated_rollouts_total")
     return out
 
 
@@ -251,14 +239,6 @@ async def scrape_cost(http: httpx.AsyncClient) -> dict[str, float]:
     count for it): measured, then taken out of every round's delta."""
     first = await scrape(http)
     return delta(await scrape(http), first)
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        t = psutil.Process(pid).cpu_times()
-        return t.user + t.system
-    except psutil.Error:
-        return 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +341,7 @@ class GroupStoreBench:
         if self.workload.group_size != GROUP_SIZE:
             raise ValueError(f"the 1x workload has groups of {self.workload.group_size}")
         self.redis = RedisServer()
-        self.servers: dict[str, Server] = {}
+        self.servers = ServerGroup(log)
         self.rounds: list[Round] = []
         self.check = Check()
         self.started = time.perf_counter()
@@ -379,26 +359,19 @@ class GroupStoreBench:
         common = ["--group-size", str(GROUP_SIZE)]
         for store in STORES:
             extra = common + (["--group-store", self.redis.url] if store == "redis" else [])
-            self.servers[store] = hero_server(
+            self.servers.add(store, hero_server(
                 f"group-store-{store}", logs, reward_model=a.reward_model, device=a.device,
                 verifier_workers=a.verifier_workers, max_batch_tokens=a.max_batch_tokens,
-                extra=extra)
-        for s in self.servers.values():
-            s.start()
-        for s in self.servers.values():
-            s.wait_ready()
-        log("servers ready: " + ", ".join(f"{n}@{s.port}" for n, s in self.servers.items())
-            + f", redis-server@{self.redis.port}")
+                extra=extra))
+        self.servers.start()
+        self.servers.wait_ready(also=f", redis-server@{self.redis.port}")
 
     def stop(self) -> None:
-        for s in self.servers.values():
-            s.request_stop()
-        for s in self.servers.values():
-            try:
-                s.stop()
-            except Exception as exc:  # noqa: BLE001 - keep stopping the others
-                log(f"stopping {s.name}: {exc}")
+        self.servers.stop()
         self.redis.cleanup()
+
+    def redis_cpu_seconds(self) -> float:
+        return cpu_seconds([self.redis.proc.pid]) if self.redis.proc else 0.0
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -414,11 +387,10 @@ class GroupStoreBench:
         calls = arrival_order(groups, self.plan.interleave)
         before = await scrape(http)
         cpu0 = self.servers[store].cpu_seconds()
-        redis0 = cpu_seconds(self.redis.proc.pid) if self.redis.proc else 0.0
+        redis0 = self.redis_cpu_seconds()
         await drive(calls, send, self.plan.concurrency, record)
         record.server_cpu_s = self.servers[store].cpu_seconds() - cpu0
-        record.redis_cpu_s = (cpu_seconds(self.redis.proc.pid) if self.redis.proc else 0.0) \
-            - redis0
+        record.redis_cpu_s = self.redis_cpu_seconds() - redis0
         moved = delta(await scrape(http), before)
         cost = self.scrape_costs[store]
         record.deduplicated = moved.pop("deduplicated", 0.0) - cost.get("deduplicated", 0.0)
@@ -500,7 +472,8 @@ class GroupStoreBench:
                 "rounds": [r.summary() for r in mine],
                 "rollouts": rollouts,
                 "errors": sum(r.errors for r in mine),
-                "latency_p50_s": _round(_pct(lat, 50)), "latency_p99_s": _round(_pct(lat, 99)),
+                "latency_p50_s": rounded(percentile(lat, 50)),
+                "latency_p99_s": rounded(percentile(lat, 99)),
                 "round_trips_per_rollout": round(sum(trips.values()) / rollouts, 3)
                 if rollouts else None,
                 "round_trips_per_rollout_without_timers": round(sum(
@@ -539,18 +512,19 @@ class GroupStoreBench:
         errors = sum(r.errors for r in self.rounds)
         targets = [
             target("per-sample /get_reward: redis / memory rollouts/s",
-                   per_sample["ratio_redis_to_memory"], RATIO_TARGET, f">= {RATIO_TARGET}"),
+                   per_sample["ratio_redis_to_memory"], RATIO_TARGET, f">= {RATIO_TARGET}",
+                   AT_LEAST),
             target("per-sample /get_reward: Redis round trips per rollout",
                    red["round_trips_per_rollout"], ROUND_TRIPS_TARGET,
-                   f"<= {ROUND_TRIPS_TARGET:g}", higher=False),
+                   f"<= {ROUND_TRIPS_TARGET:g}", AT_MOST),
             target("groups whole, closed once, HERO of the whole group, same rewards",
                    float(sum(c.failures.values()) + errors), 0.0,
-                   "== 0 failures and 0 failed requests", higher=False),
+                   "== 0 failures and 0 failed requests", AT_MOST),
         ]
         return {
             "meta": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                      "mode": self.plan.name, "duration_s": round(self.elapsed(), 1),
-                     "cores": len(os.sched_getaffinity(0)),
+                     "cores": cores(),
                      "loadavg_1m": [round(self.load_start, 2), round(os.getloadavg()[0], 2)],
                      "reward_model": self.args.reward_model, "device": self.args.device,
                      "verifier_workers": self.args.verifier_workers,
@@ -568,23 +542,6 @@ class GroupStoreBench:
             "running_sigma_ref": sigma,
             "targets": targets,
         }
-
-
-def target(name: str, measured: Optional[float], threshold: float, rule: str,
-           higher: bool = True) -> dict[str, Any]:
-    ok = measured is not None and (measured >= threshold if higher else measured <= threshold)
-    return {"target": name, "measured": _round(measured, 3), "threshold": threshold,
-            "rule": rule, "pass": bool(ok)}
-
-
-def git_commit() -> Optional[str]:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                              capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -634,11 +591,7 @@ def table(r: dict[str, Any]) -> str:
     lines += [f"  {e}" for e in c["examples"]]
     lines.append("running sigma-bar: " + ", ".join(f"{s} {v}" for s, v in
                                                    r["running_sigma_ref"].items()))
-    lines += ["", "targets:"]
-    for t in r["targets"]:
-        measured = "-" if t["measured"] is None else f"{t['measured']:.2f}"
-        lines.append(f"  {'PASS' if t['pass'] else 'MISS'}  {t['target']:<66} {measured:>6}  "
-                     f"({t['rule']})")
+    lines += ["", *target_lines(r["targets"], name_width=66, value_width=6)]
     return "\n".join(lines)
 
 
@@ -666,10 +619,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.budget_s = args.budget_s or plan.budget_s
     bench = GroupStoreBench(args, plan)
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
+    stop_on_sigterm()
     try:
         bench.start()
         result = asyncio.run(bench.run())

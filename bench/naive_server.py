@@ -21,7 +21,6 @@ Run: ``python bench/naive_server.py --host 127.0.0.1 --port 8100 [--reward-model
 import argparse
 import logging
 import os
-from typing import Any
 
 from fastapi import FastAPI, Request  # module level: FastAPI resolves handler annotations here
 from fastapi.responses import JSONResponse

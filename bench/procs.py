@@ -11,8 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import IO, Any, Optional
 
 import httpx
 import psutil
@@ -38,9 +39,9 @@ class Server:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{name}.log"
         self.proc: Optional[subprocess.Popen] = None
-        self._log = None
+        self._log: Optional[IO[str]] = None
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
             self.argv, env=self.env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
@@ -82,12 +83,8 @@ class Server:
         return total
 
     def cpu_seconds(self) -> float:
-        total = 0.0
-        for p in self.tree():
-            with contextlib.suppress(psutil.Error):
-                t = p.cpu_times()
-                total += t.user + t.system
-        return total
+        """CPU time (user + system) of the server and all its children."""
+        return cpu_seconds(p.pid for p in self.tree())
 
     def request_stop(self) -> None:
         """SIGTERM without waiting (so several servers drain at the same time)."""
@@ -131,3 +128,64 @@ def naive_server(log_dir: Path, *, reward_model: str, device: str) -> Server:
     argv = [sys.executable, str(REPO / "bench" / "naive_server.py"), "--host", "127.0.0.1",
             "--port", "{port}", "--reward-model", reward_model, "--device", device]
     return Server("naive", argv, ready_path="/healthz", log_dir=log_dir)
+
+
+class ServerGroup:
+    """The servers of one benchmark run, by name: started together (they load while the caller
+    does other work), awaited, and stopped together (all asked first, so they drain at once)."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.servers: dict[str, Server] = {}
+        self._log = log
+
+    def add(self, name: str, server: Server) -> Server:
+        self.servers[name] = server
+        return server
+
+    def __getitem__(self, name: str) -> Server:
+        return self.servers[name]
+
+    def __len__(self) -> int:
+        return len(self.servers)
+
+    def names(self) -> list[str]:
+        return list(self.servers)
+
+    def start(self) -> None:
+        for server in self.servers.values():
+            server.start()
+
+    def wait_ready(self, also: str = "") -> None:
+        """Every server ready, then one log line ``servers ready: name@port, ...`` (the smoke
+        test reads the ports from it to check they are closed at the end)."""
+        for server in self.servers.values():
+            server.wait_ready()
+        self._log("servers ready: "
+                  + ", ".join(f"{n}@{s.port}" for n, s in self.servers.items()) + also)
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.request_stop()
+        for server in self.servers.values():
+            try:
+                server.stop()
+            except Exception as exc:
+                self._log(f"stopping {server.name}: {exc}")
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """CPU time (user + system) of these processes; one that is gone counts nothing."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the ``finally`` that stops the servers runs."""
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)

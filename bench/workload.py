@@ -29,15 +29,18 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get(
     "HERO_DEV_DATA", REPO.parent / "shared" / "data" / "math-rollouts-dev.jsonl"))
 
 SCALES = {1: (1, 8), 4: (4, 8), 16: (8, 16)}  # scale -> (copies per original group, group size)
+
+Rollout = tuple[str, str, str, bool]  # (prompt, response, reference, grader_correct)
 
 
 def letters(n: int) -> str:
@@ -119,7 +122,7 @@ class Workload:
                 yield batch
                 batch = []
 
-    def single_stream(self) -> Iterator[tuple[str, str, str, bool]]:
+    def single_stream(self) -> Iterator[Rollout]:
         """(prompt, response, reference, grader_correct) one rollout at a time (OpenRLHF)."""
         for group in self.group_stream():
             for response, correct in zip(group.responses, group.correct):
