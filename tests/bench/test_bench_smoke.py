@@ -42,6 +42,13 @@ def test_bench_quick_writes_every_section(tmp_path: Path) -> None:
         assert section in result, section
     assert (tmp_path / "throughput.png").stat().st_size > 1000
     assert "targets:" in proc.stdout and "hero-rewards" in proc.stdout
+    # The table is a function of the JSON alone: --render-only redraws the same one.
+    rendered = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--render-only", "--results-dir",
+         str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    assert rendered.stdout == (tmp_path / "latest.txt").read_text()
+    assert rendered.stdout.strip() in proc.stdout
 
     limit = result["limit"]
     assert limit["rollouts_per_s"] > 0 and limit["probes"] >= 2

@@ -1,0 +1,85 @@
+"""One measurement of one system at one concurrency, and its JSON."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from stats import percentile, rounded
+
+# Server figures that add up over repeated runs (the others are averaged).
+SUMMED_SERVER_FIGURES = {"server_cpu_s", "client_cpu_s", "forward_batches",
+                         "deduplicated_rollouts"}
+
+
+@dataclass
+class Measurement:
+    key: str          # unique per measured configuration, e.g. "hero_b_c16"
+    system: str
+    pattern: str
+    concurrency: int
+    rollouts: int = 0
+    requests: int = 0
+    elapsed_s: float = 0.0
+    correct: int = 0
+    errors: int = 0
+    latencies: list[float] = field(default_factory=list)
+    t_start: float = 0.0
+    t_end: float = 0.0
+    server: dict[str, float] = field(default_factory=dict)
+    limit_ratio: Optional[float] = None  # rate over the limit probed around it
+    limit_ref: Optional[float] = None    # that limit
+    loadavg: float = 0.0
+    workload: str = "1x"
+    runs: list[dict[str, Any]] = field(default_factory=list)  # when measured more than once
+
+    @property
+    def rate(self) -> float:
+        return self.rollouts / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        latencies = sorted(self.latencies)
+        return {
+            "system": self.system, "pattern": self.pattern, "concurrency": self.concurrency,
+            "workload": self.workload,
+            "rollouts_per_s": round(self.rate, 3), "rollouts": self.rollouts,
+            "requests": self.requests, "elapsed_s": round(self.elapsed_s, 3),
+            "correct_fraction": round(self.correct / self.rollouts, 4) if self.rollouts else 0.0,
+            "errors": self.errors,
+            "latency_p50_s": rounded(percentile(latencies, 50)),
+            "latency_p99_s": rounded(percentile(latencies, 99)),
+            "limit_ref_rollouts_per_s": rounded(self.limit_ref),
+            "ratio_to_limit": rounded(self.limit_ratio),
+            "server": {k: round(v, 4) for k, v in self.server.items()},
+            "loadavg_1m": round(self.loadavg, 2),
+            "runs": self.runs,
+        }
+
+
+def merged(runs: list[Measurement]) -> Measurement:
+    """One measurement from repeated runs: totals over all runs; the ratio to the limit is the
+    mean of each run's own (bracketed) ratio."""
+    if len(runs) == 1:
+        return runs[0]
+    first = runs[0]
+    out = Measurement(first.key, first.system, first.pattern, first.concurrency,
+                      workload=first.workload, t_start=first.t_start, t_end=runs[-1].t_end)
+    for run in runs:
+        out.rollouts += run.rollouts
+        out.requests += run.requests
+        out.elapsed_s += run.elapsed_s
+        out.correct += run.correct
+        out.errors += run.errors
+        out.latencies += run.latencies
+    keys = {k for run in runs for k in run.server}
+    out.server = {k: (sum if k in SUMMED_SERVER_FIGURES else statistics.mean)(
+        [run.server[k] for run in runs if k in run.server]) for k in keys}
+    ratios = [run.limit_ratio for run in runs if run.limit_ratio is not None]
+    refs = [run.limit_ref for run in runs if run.limit_ref is not None]
+    out.limit_ratio = statistics.mean(ratios) if ratios else None
+    out.limit_ref = statistics.mean(refs) if refs else None
+    out.loadavg = statistics.mean(run.loadavg for run in runs)
+    out.runs = [{"rollouts_per_s": round(run.rate, 3), "ratio_to_limit": rounded(run.limit_ratio),
+                 "limit_ref_rollouts_per_s": rounded(run.limit_ref)} for run in runs]
+    return out

@@ -1,0 +1,127 @@
+"""The verifier section: the service's ``MathVerifier`` pool (one worker per core) against
+``verify_chunk`` called in one process, times the cores; plus a bare ``ProcessWorkerPool`` fed
+same-reference chunks of fixed sizes, as evidence of what the pool itself can do."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import psutil
+from procs import cpu_seconds
+from workload import BenchGroup, Workload
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def same_reference_chunks(groups: list[BenchGroup], size: int) -> list[tuple[str, list[str]]]:
+    """Consecutive responses cut into chunks of ``size`` that never mix references (the 4x
+    workload's copies of one original group are consecutive and share their reference)."""
+    out: list[tuple[str, list[str]]] = []
+    for g in groups:
+        if out and out[-1][0] == g.reference and len(out[-1][1]) < size:
+            room = size - len(out[-1][1])
+            out[-1][1].extend(g.responses[:room])
+            rest = list(g.responses[room:])
+        else:
+            rest = list(g.responses)
+        for i in range(0, len(rest), size):
+            out.append((g.reference, rest[i:i + size]))
+    return out
+
+
+async def verifier_pool(workload: Workload, rounds: int,
+                        sweep: tuple[int, ...]) -> dict[str, Any]:
+    """The service's verifier as shipped (``MathVerifier``, one worker per core, every group of
+    the workload verified concurrently as concurrent requests would) against ``verify_chunk``
+    called sequentially in this process, interleaved round by round. ``sweep``: a bare
+    ``ProcessWorkerPool`` fed same-reference chunks of fixed sizes (what the pool itself can do
+    at that task size; not the service's own chunking)."""
+    from hero_service.config import Settings
+    from hero_service.verifiers import MathVerifier
+    from hero_service.verifiers import math as math_verifier
+    from hero_service.verifiers._math_worker import verify_chunk
+    from hero_service.verifiers.pool import ProcessWorkerPool
+
+    settings = Settings()
+    timeout_s = settings.verifier_timeout_s
+    cores = len(os.sched_getaffinity(0))
+    groups = workload.groups(0)
+    n = sum(len(g.responses) for g in groups)
+    existing = _children()
+    verifier = MathVerifier(workers=cores, timeout_s=timeout_s,
+                            max_tasks=settings.verifier_max_tasks,
+                            memory_mb=settings.verifier_memory_mb)
+    await verifier.start()
+    pool = ProcessWorkerPool(cores, settings.verifier_max_tasks, settings.verifier_memory_mb)
+    runs: dict[str, list[dict[str, float]]] = {"single": [], "service": []}
+    for size in sweep:
+        runs[f"chunk_{size}"] = []
+    correct = 0
+    try:
+        warm = workload.groups(1)[:50]  # imports, first parses, the reference caches
+        for g in warm:
+            verify_chunk(g.reference, list(g.responses), timeout_s)
+        await asyncio.gather(*(verifier.verify(g.reference, list(g.responses)) for g in warm))
+        await asyncio.gather(*(pool.run(verify_chunk, g.reference, list(g.responses),
+                                        timeout_s, timeout_s=60) for g in warm))
+        workers = _children() - existing
+
+        def record(name: str, t0: float, cpu: float) -> None:
+            wall = time.perf_counter() - t0
+            runs[name].append({"per_s": n / wall, "wall_s": wall, "cpu_s": cpu})
+
+        for _ in range(rounds):
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            for g in groups:
+                verify_chunk(g.reference, list(g.responses), timeout_s)
+            record("single", t0, time.process_time() - cpu0)
+
+            workers |= _children() - existing
+            cpu0, t0 = cpu_seconds(workers), time.perf_counter()
+            verdicts = await asyncio.gather(
+                *(verifier.verify(g.reference, list(g.responses)) for g in groups))
+            record("service", t0, cpu_seconds(workers) - cpu0)
+            correct = sum(v.verified for vs in verdicts for v in vs)
+
+            for size in sweep:
+                tasks = same_reference_chunks(groups, size)
+                workers |= _children() - existing
+                cpu0, t0 = cpu_seconds(workers), time.perf_counter()
+                await asyncio.gather(*(pool.run(verify_chunk, ref, responses, timeout_s,
+                                                timeout_s=60) for ref, responses in tasks))
+                record(f"chunk_{size}", t0, cpu_seconds(workers) - cpu0)
+    finally:
+        pool.close()
+        await verifier.close()
+
+    def summary(name: str) -> dict[str, Any]:
+        measured = runs[name]
+        wall = sum(r["wall_s"] for r in measured)
+        cpu = sum(r["cpu_s"] for r in measured)
+        return {"responses_per_s": round(n * len(measured) / wall, 2),
+                "runs": [round(r["per_s"], 1) for r in measured],
+                "cpu_s_per_1k": round(1000 * cpu / (n * len(measured)), 4),
+                "cores_busy": round(cpu / wall, 3)}
+
+    single, service = summary("single"), summary("service")
+    out: dict[str, Any] = {
+        "workload": workload.name, "responses": n, "cores": cores, "workers": cores,
+        "rounds": rounds,
+        "service_max_chunk": getattr(math_verifier, "MAX_CHUNK", None),
+        "single_responses_per_s": single["responses_per_s"],
+        "pool_responses_per_s": service["responses_per_s"],
+        "ratio_pool_to_single_x_cores": round(
+            service["responses_per_s"] / (single["responses_per_s"] * cores), 4),
+        "single": single, "pool": service, "correct_fraction": round(correct / n, 4),
+        "sweep": {}}
+    for size in sweep:
+        chunked = summary(f"chunk_{size}")
+        chunked["ratio_to_single_x_cores"] = round(
+            chunked["responses_per_s"] / (single["responses_per_s"] * cores), 4)
+        out["sweep"][str(size)] = chunked
+    return out
