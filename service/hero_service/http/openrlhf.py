@@ -50,7 +50,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence, Union
+from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 
 from hero_client import hero
 from hero_client.schema import (
@@ -60,7 +60,7 @@ from hero_client.schema import (
 from .. import special_tokens
 from ..errors import InputError, Overloaded, ServiceError
 from ..group_store import (
-    ClosedGroup, GroupKey, GroupStore, GroupStoreUnavailable, Member, MemberOutcome,
+    Attach, ClosedGroup, GroupKey, GroupStore, GroupStoreUnavailable, Member, MemberOutcome,
     stable_digest,
 )
 from ..pipeline import LocalScores, Pipeline, combine_group, hero_params
@@ -285,19 +285,26 @@ class GetRewardScorer:
         verifier = self.pipeline.check(rewards_request)
         # Admitted whole or not at all, and the permit is held while the request waits for its
         # groups (parked rollouts count against the bound).
+        several = len(split.groups) > 1  # one group: its join checks the bound atomically
         with self.pipeline.admit(rewards_request, field="query") as permit:
-            await check_room_to_wait(self.store, len(request.query))
+            if several:
+                await check_room_to_wait(self.store, len(request.query))
             local = await self.pipeline.score_locally(rewards_request, verifier)
             self.pipeline.metrics.rollouts_scored.labels("hero").inc(local.n_rollouts)
-            async with self._attached(request, split, run, size) as member_ids:
+            bases = [""] * len(request.query)
+            for q in split.groups:
+                for position in q.positions:
+                    bases[position] = member_base_id(run, size, q.prompt, q.label,
+                                                     request.query[position])
+            async with self.held_ids(size) as held:
                 joins = [self.store.join(GroupKey.for_prompt(run, q.prompt, q.label, size),
-                                         _members(local, g, q, member_ids),
+                                         _members(local, g, q, bases),
                                          assembled_combine(rewards_request.params),
-                                         admitted=True)
+                                         admitted=several, attach=held.attach,
+                                         on_attached=held.add)
                          for g, q in enumerate(split.groups)]
                 permit.park()
-                outcomes = await self.wait_for(asyncio.gather(*joins), member_ids,
-                                               should_stop)
+                outcomes = await self.wait_for(asyncio.gather(*joins), held.ids, should_stop)
         for q, group_outcomes in zip(split.groups, outcomes):
             for position, outcome in zip(q.positions, group_outcomes):
                 results[position] = _query_result(outcome)
@@ -308,48 +315,21 @@ class GetRewardScorer:
                 self._on_sigma(run, await self.store.sigma_value(run))
 
     @contextlib.asynccontextmanager
-    async def _attached(self, request: GetRewardRequest, split: SplitRequest, run: str,
-                        size: int) -> AsyncIterator[list[str]]:
-        """Member ids for the request's queries (in query order)."""
-        bases = [""] * len(request.query)
-        for q in split.groups:
-            for position in q.positions:
-                bases[position] = member_base_id(run, size, q.prompt, q.label,
-                                                 request.query[position])
-        async with self.attached_ids(bases, size) as ids:
-            yield ids
-
-    @contextlib.asynccontextmanager
-    async def attached_ids(self, bases: Sequence[str], size: int) -> AsyncIterator[list[str]]:
-        """One member id per base id (``base#k``), each held by an attachment lease."""
-        held: list[str] = []
+    async def held_ids(self, size: int) -> AsyncIterator["HeldIds"]:
+        """The member ids a request's joins pick (``base#k``, see group_store.Attach), held by
+        attachment leases while it waits and let go when it ends: kept taken if its answer
+        went out (usually marked so already by the step that answered it), else freed for
+        its retry to re-attach."""
+        held = HeldIds(Attach(MEMBER_SLOTS * size, ATTACH_LEASE_S,
+                              ATTACH_LEASE_S + ATTACH_RENEW_S))
         delivered = False
         try:
-            for base in bases:
-                candidates = [f"{base}#{k}" for k in range(MEMBER_SLOTS * size)
-                              if f"{base}#{k}" not in held]
-                taken, contended = await self.store.acquire_attachment(
-                    candidates, ATTACH_LEASE_S)
-                if contended:
-                    # An earlier id is held: by a live identical sample, or by the first
-                    # attempt of this very request on a replica that died. Let go, wait
-                    # out one lease (a dead holder's lapses, a live one's is renewed),
-                    # then pick: a retry re-attaches instead of adding a member.
-                    if taken is not None:
-                        await self.store.release_attachments([taken])
-                    await asyncio.sleep(ATTACH_LEASE_S + ATTACH_RENEW_S)
-                    taken, _ = await self.store.acquire_attachment(candidates, ATTACH_LEASE_S)
-                if taken is None:
-                    raise Overloaded(f"{MEMBER_SLOTS * size} identical responses to this "
-                                     "prompt are waiting or were answered recently; retry "
-                                     "later")
-                held.append(taken)
-            yield list(held)
+            yield held
             delivered = True
         finally:
-            if held:
+            if held.ids:
                 try:
-                    await self.store.release_attachments(held, delivered=delivered)
+                    await self.store.release_attachments(held.ids, delivered=delivered)
                 except GroupStoreUnavailable:
                     pass  # the leases lapse on their own
 
@@ -380,7 +360,19 @@ class GetRewardScorer:
                     await task
 
 
+class HeldIds:
+    """The member ids this request's joins picked, in the order the joins reported them."""
+
+    def __init__(self, attach: Attach) -> None:
+        self.attach = attach
+        self.ids: list[str] = []
+
+    def add(self, ids: list[str]) -> None:
+        self.ids.extend(ids)
+
+
 def _members(local: LocalScores, g: int, q: QueryGroup, member_ids: list[str]) -> list[Member]:
+    """The group's members, ``member_ids`` by query position (base ids when joins attach)."""
     rm = local.rm_results[g]
     return [Member(member_ids[position], verdict.status,
                    rm.scores[i] if rm is not None else None,

@@ -48,7 +48,9 @@ async def score_rewards_with_pieces(pipeline: Pipeline, store: GroupStore,
     verifier = pipeline.check(request)
     pieces = [g for g, group in enumerate(request.groups) if group.group_key is not None]
     with pipeline.admit(request) as permit:
-        await check_room_to_wait(store, sum(len(request.groups[g].responses) for g in pieces))
+        if len(pieces) > 1:  # one piece: its join checks the bound atomically
+            await check_room_to_wait(store,
+                                     sum(len(request.groups[g].responses) for g in pieces))
         local = await pipeline.score_locally(request, verifier)
         return await _assemble(pipeline, store, scorer, request, run, should_stop, started,
                                pieces, local, permit)
@@ -75,21 +77,21 @@ async def _assemble(pipeline: Pipeline, store: GroupStore, scorer: GetRewardScor
         for response in group.responses:
             bases.append(stable_digest("piece", run, group.group_key, group.group_size,
                                        group.reference, response))
-    async with scorer.attached_ids(bases, max(request.groups[g].group_size for g in pieces)) \
-            as ids:
+    async with scorer.held_ids(max(request.groups[g].group_size for g in pieces)) as held:
         joins, at = [], 0
         for g in pieces:
             group = request.groups[g]
             rm = local.rm_results[g]
-            members = [Member(ids[at + i], v.status, rm.scores[i] if rm else None,
+            members = [Member(bases[at + i], v.status, rm.scores[i] if rm else None,
                               rm.truncated[i] if rm else False)
                        for i, v in enumerate(local.verdicts[g])]
             at += len(members)
             joins.append(store.join(
                 GroupKey.for_group_key(run, group.group_key, group.group_size), members,
-                assembled_combine(request.params, request.mode), admitted=True))
+                assembled_combine(request.params, request.mode), admitted=len(pieces) > 1,
+                attach=held.attach, on_attached=held.add))
         permit.park()
-        outcomes = await scorer.wait_for(asyncio.gather(*joins), ids, should_stop)
+        outcomes = await scorer.wait_for(asyncio.gather(*joins), held.ids, should_stop)
     for g, group_outcomes in zip(pieces, outcomes):
         results[g] = piece_result(request.groups[g], g, group_outcomes)
         if sigma_ref is None:
