@@ -470,27 +470,34 @@ def test_the_step_that_answers_marks_the_member_ids_delivered(stores):
     marks its member ids' attachments delivered in the same round trip: the release afterwards
     costs none, a renewal racing it cannot undo the mark, and the ids stay taken (without making
     the next identical sample wait)."""
+    attach = Attach(slots=4, lease_s=5.0, contention_wait_s=5.0)
+
     async def scenario(s):
         a, b = await s.make(timeout_s=10), await s.make(timeout_s=10)
-        candidates = [f"d#{k}" for k in range(4)]
-        ids = [(await store.acquire_attachment(candidates, 5.0))[0] for store in (a, b)]
-        waiter = asyncio.ensure_future(a.join(key(2), [member(ids[0], 1.0)], combine))
+        ids: list[list[str]] = []
+        waiter = asyncio.ensure_future(a.join(key(2), [member("d", 1.0)], combine,
+                                              attach=attach, on_attached=ids.append))
         await asyncio.sleep(0.2)
-        closer = await b.join(key(2), [member(ids[1], 0.0, "incorrect")], combine)
+        closer = await b.join(key(2), [member("e", 0.0, "incorrect")], combine, attach=attach,
+                              on_attached=ids.append)
         waited = await waiter
         before = [s.stats().round_trips.get("attach_release", 0) for s in (a, b)]
-        await a.renew_attachments([ids[0]], 0.2)  # a renewal that lost the race
-        await a.release_attachments([ids[0]], delivered=True)
-        await b.release_attachments([ids[1]], delivered=True)
+        await a.renew_attachments(ids[0], 0.2)  # a renewal that lost the race
+        await a.release_attachments(ids[0], delivered=True)
+        await b.release_attachments(ids[1], delivered=True)
         after = [s.stats().round_trips.get("attach_release", 0) for s in (a, b)]
         await asyncio.sleep(0.4)  # past the renewal's 0.2 s lease: the mark must hold
-        return ids, closer[0], waited[0], before, after, await a.acquire_attachment(candidates,
-                                                                                  5.0)
-    ids, closer, waited, before, after, third = stores.run(scenario)
-    assert ids == ["d#0", "d#1"]
+        started = time.monotonic()
+        again = await a.join(key(1, "again"), [member("d", 1.0)], combine,
+                             attach=Attach(slots=4, lease_s=5.0, contention_wait_s=5.0),
+                             on_attached=ids.append)
+        return ids, closer[0], waited[0], before, after, time.monotonic() - started, again[0]
+    ids, closer, waited, before, after, elapsed, again = stores.run(scenario)
+    assert ids[:2] == [["d#0"], ["e#0"]]
     assert not closer.partial and waited.group == closer.group
     assert after == before  # neither release made a round trip
-    assert third == ("d#2", False)  # both answered ids stay taken, nobody waits
+    # d#0 stays taken as delivered: the next identical sample takes d#1 without waiting
+    assert ids[2] == ["d#1"] and elapsed < 2.0 and not again.partial
 
 
 ATTACH = Attach(slots=4, lease_s=5.0, contention_wait_s=0.6)

@@ -18,8 +18,8 @@ How the endpoints use it (the wiring, a follow-up to this package):
    in the members' order -- the one-group body of ``Pipeline._combine``. Each
    ``MemberOutcome`` maps onto today's ``AssembledResult(group, index, sigma_ref, partial)``.
    Member ids (wired in ``http/openrlhf.py``): digest(run, n, prompt, label, query) + ``#k``,
-   k the first index whose attachment lease (``acquire_attachment``) no live request holds;
-   renewed while the request waits, released when it ends (kept for ``result_ttl_s`` once its
+   k the first index whose attachment lease no live request holds, picked by the join itself
+   (``join(..., attach=Attach(...))``, one atomic step); renewed while the request waits, released when it ends (kept for ``result_ttl_s`` once its
    answer was delivered), so identical samples are separate members and a re-sent request
    whose first attempt got no answer re-attaches.
 3. ``/v1/rewards`` pieces (``group_key`` + ``group_size``): ``GroupKey.for_group_key(run,

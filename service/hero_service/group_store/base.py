@@ -524,18 +524,10 @@ class GroupStore(abc.ABC):
         return left
 
     # -- attachment leases: which member ids a live request is holding --------------------------
-    # Two identical responses of one group send identical bodies; each request takes the first
-    # of its candidate member ids (``...#0``, ``...#1``, ...) that no live request holds, so they
-    # become separate members, while a re-sent request (whose first attempt ended or whose
-    # replica died, so its lease lapsed) re-attaches to the same id.
-
-    @abc.abstractmethod
-    async def acquire_attachment(self, candidates: Sequence[str],
-                                 lease_s: float) -> tuple[Optional[str], bool]:
-        """Take the first candidate no one holds, for ``lease_s`` (None if all are held); and
-        whether an earlier candidate is held by a live lease (not a delivered id), in which case
-        the caller may be a retry whose first attempt's replica died: it should let go, wait
-        one lease and try again, so a dead replica's lease lapses before it picks."""
+    # Two identical responses of one group send identical bodies; a join with ``Attach`` gives
+    # each the first of its candidate member ids (``...#0``, ``...#1``, ...) that no live request
+    # holds, so they become separate members, while a re-sent request (whose first attempt ended
+    # or whose replica died, so its lease lapsed) re-attaches to the same id.
 
     @abc.abstractmethod
     async def renew_attachments(self, names: Sequence[str], lease_s: float) -> None:

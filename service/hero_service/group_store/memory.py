@@ -273,20 +273,6 @@ class MemoryGroupStore(GroupStore):
     async def waiting(self) -> int:
         return self.backend.waiting
 
-    async def acquire_attachment(self, candidates: Sequence[str],
-                                 lease_s: float) -> tuple[Optional[str], bool]:
-        self._stats.round_trips["attach"] += 1
-        now = self.backend.clock()
-        held = self.backend.attachments
-        contended = False
-        for name in candidates:
-            until, delivered = held.get(name, (0.0, False))
-            if until <= now:
-                held[name] = (now + lease_s, False)
-                return name, contended
-            contended = contended or not delivered
-        return None, contended
-
     async def renew_attachments(self, names: Sequence[str], lease_s: float) -> None:
         self._stats.round_trips["attach_renew"] += 1
         until = self.backend.clock() + lease_s

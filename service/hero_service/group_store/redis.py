@@ -264,24 +264,8 @@ class RedisGroupStore(GroupStore):
         raw = await self._call("sigma_read", lambda: self._redis.hgetall(self._keys[3]))
         return {run: float(v) for run, v in raw.items()}
 
-    # SET NX PX per candidate in one script: the first free one is taken, atomically.
-    _ATTACH = ("local live = 0 "
-               "for i, name in ipairs(KEYS) do "
-               "if redis.call('SET', name, '1', 'NX', 'PX', ARGV[1]) then return {i, live} end "
-               "if redis.call('GET', name) == '1' then live = 1 end end "
-               "return {0, live}")
-
     def _attach_key(self, name: str) -> str:
         return f"{self.prefix}:attached:{name}"
-
-    async def acquire_attachment(self, candidates: Sequence[str],
-                                 lease_s: float) -> tuple[Optional[str], bool]:
-        if not candidates:
-            return None, False
-        keys = [self._attach_key(c) for c in candidates]
-        found, live = await self._call("attach", lambda: self._redis.eval(
-            self._ATTACH, len(keys), *keys, self._ms(lease_s)))
-        return (candidates[int(found) - 1] if int(found) else None), bool(int(live))
 
     async def renew_attachments(self, names: Sequence[str], lease_s: float) -> None:
         if not names:
