@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import DEV_DATA, free_port
 
 from hero_client import HeroClient
-from support import DEV_DATA, free_port
 
 
 def run_score(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:

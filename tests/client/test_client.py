@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+from support import free_port, running_server
 
 from hero_client import (
     AsyncHeroClient,
@@ -22,7 +23,6 @@ from hero_client import (
 )
 from hero_client._client import chunk_groups, get_reward_body
 from hero_client.schema import Group
-from support import free_port, running_server
 
 
 def dev_groups(rows):

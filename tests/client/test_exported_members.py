@@ -11,8 +11,9 @@ from importlib.metadata import version
 from pathlib import Path
 from types import ModuleType
 
-import hero_client
 from support import REPO
+
+import hero_client
 
 EXPORTED = [
     "__version__",

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import REPO
 
 from hero_client import HeroClient
-from support import REPO
 
 SERVER_ONLY_MODULES = ("torch", "fastapi", "uvicorn", "transformers", "math_verify")
 PLACEHOLDER = "/path/to/hero-rewards"

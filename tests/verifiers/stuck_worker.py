@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from hero_service.verifiers._math_worker import Outcome, verify_pair
 from hero_service.verifiers.progress import NO_PROGRESS, Reporter

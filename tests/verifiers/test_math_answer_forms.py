@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from answer_forms import CASES, AnswerCase
 from math_verify import parse, verify
 
-from answer_forms import CASES, AnswerCase
 from hero_service.verifiers import MathVerifier, Verdict
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
+from stuck_worker import STUCK, verify_pairs_one_stuck
 
 from hero_service.verifiers import MathVerifier
 from hero_service.verifiers._math_worker import verify_chunk
-from stuck_worker import STUCK, verify_pairs_one_stuck
 
 
 def run(coro):
@@ -42,7 +41,8 @@ def test_agreement_with_grader_on_dev_data(dev_rows):
 
 
 def test_statuses_for_wrong_missing_and_unparsable_answers():
-    out = verify_chunk("\\frac{1}{2}", ["so \\boxed{0.5}", "\\boxed{3}", "no answer here at all"], 2)
+    responses = ["so \\boxed{0.5}", "\\boxed{3}", "no answer here at all"]
+    out = verify_chunk("\\frac{1}{2}", responses, 2)
     assert [s for s, _ in out] == ["correct", "incorrect", "no_answer"]
     out = verify_chunk("", ["\\boxed{1}"], 2)
     assert out[0][0] == "no_answer" and "reference" in out[0][1]

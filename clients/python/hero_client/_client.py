@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, Mapping, Optional, Sequence, TypeVar, Union
+from typing import Any, Optional, TypeVar, Union
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -211,7 +212,7 @@ class _ClientBase:
                 g.sigma for g, group in zip(merged.groups, sent) if group.group_key is None)
         return merged
 
-    def _retry_delay(self, what: str, attempt: int, outcome: "httpx.Response | Exception") -> float:
+    def _retry_delay(self, what: str, attempt: int, outcome: httpx.Response | Exception) -> float:
         """Seconds to wait before retrying ``outcome`` of attempt ``attempt``, or raise: the
         final error when retries are spent, or at once for errors not worth retrying."""
         last = attempt >= self.retry.max_attempts
@@ -230,20 +231,20 @@ class _ClientBase:
         raise api_error(outcome)
 
     @staticmethod
-    def _succeeded(outcome: "httpx.Response | Exception") -> bool:
+    def _succeeded(outcome: httpx.Response | Exception) -> bool:
         return isinstance(outcome, httpx.Response) and outcome.status_code < 400
 
 
 class HeroClient(_ClientBase):
     """Blocking client. Thread-safe; chunks of one call are sent from a small thread pool."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, *, transport: Optional[httpx.BaseTransport] = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, base_url: str = DEFAULT_URL, *,
+                 transport: Optional[httpx.BaseTransport] = None, **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)
         self._http = httpx.Client(base_url=self.base_url, headers=self._headers,
                                   timeout=self._timeout, transport=transport)
 
-    def __enter__(self) -> "HeroClient":
+    def __enter__(self) -> HeroClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -296,7 +297,8 @@ class HeroClient(_ClientBase):
     def get_reward(self, query: Sequence[str], prompts: Optional[Sequence[str]] = None,
                    labels: Optional[Sequence[Optional[str]]] = None) -> GetRewardResponse:
         body = get_reward_body(query, prompts, labels)
-        return GetRewardResponse.model_validate_json(self._send("POST", "/get_reward", body).content)
+        response = self._send("POST", "/get_reward", body)
+        return GetRewardResponse.model_validate_json(response.content)
 
     def info(self) -> InfoResponse:
         return InfoResponse.model_validate_json(self._send("GET", "/v1/info").content)
@@ -317,7 +319,7 @@ class AsyncHeroClient(_ClientBase):
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers,
                                        timeout=self._timeout, transport=transport)
 
-    async def __aenter__(self) -> "AsyncHeroClient":
+    async def __aenter__(self) -> AsyncHeroClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from ._validation import FieldProblem, field_problems, summarise
 
@@ -39,7 +40,7 @@ class HeroValidationError(HeroAPIError, ValueError):
         self.args = (f"invalid request, not sent [{self.field}]: {self.message}",)
 
     @classmethod
-    def from_pydantic(cls, errors: Sequence[Any], at: str = "") -> "HeroValidationError":
+    def from_pydantic(cls, errors: Sequence[Any], at: str = "") -> HeroValidationError:
         """pydantic's ``exc.errors()`` for an object found at ``at`` (``groups[3]``) of the
         request, with fields named as the server names them."""
         return cls([FieldProblem(field=_join(at, p["field"]) or "request", message=p["message"])

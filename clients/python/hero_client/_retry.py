@@ -28,7 +28,8 @@ class RetryPolicy:
             # Never earlier than the server asked; up to half a second later, so the callers
             # refused together do not all come back in the same instant.
             wait = max(retry_after, 0.0)
-            return min(wait + random.uniform(0.0, min(wait, 1.0) / 2), max(wait, self.max_backoff_s))
+            jitter = random.uniform(0.0, min(wait, 1.0) / 2)
+            return min(wait + jitter, max(wait, self.max_backoff_s))
         base = min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
         return base * (0.5 + random.random() / 2)  # jitter: replicas do not retry in lockstep
 

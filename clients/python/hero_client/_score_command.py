@@ -38,8 +38,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, TextIO, get_args
+from typing import Any, Optional, TextIO, get_args
 
 from pydantic import ValidationError
 

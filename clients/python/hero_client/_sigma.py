@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 
 class RunningSigma:

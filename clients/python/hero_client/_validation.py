@@ -4,7 +4,8 @@ field written the way the client wrote it (``groups[0].prompt[1].role``). Shared
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence, TypedDict
+from collections.abc import Iterable, Sequence
+from typing import Any, TypedDict
 
 # At most this many problems are returned (a 1024-group request with one typo per group must not
 # become a megabyte of errors); the summary still counts them all.
@@ -61,7 +62,8 @@ def _spelled_out(problem: FieldProblem) -> str:
 
 
 def summarise(problems: Sequence[FieldProblem]) -> str:
-    """One line: ``groups[0].reference: Field required`` or ``3 problems: a: ...; b: ...; c: ...``."""
+    """One line: ``groups[0].reference: Field required`` or
+    ``3 problems: a: ...; b: ...; c: ...``."""
     if not problems:
         return "invalid request"
     listed = "; ".join(_spelled_out(p) for p in problems[:MAX_SUMMARISED_ERRORS])

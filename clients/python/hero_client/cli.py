@@ -4,7 +4,8 @@ scores a JSONL file of prompt groups against a running service (client only); ``
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 # The package is installed from a clone (it is not on PyPI): the [server] extra of that path.
 SERVER_INSTALL = "pip install '/path/to/hero-rewards[server]' (a clone of the repository)"

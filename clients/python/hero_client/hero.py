@@ -11,8 +11,8 @@ is well defined (std 0).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from .vocabulary import AdvantageKind, Mode, TiePolicy, WeightGap
 

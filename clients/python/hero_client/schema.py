@@ -24,7 +24,13 @@ from pydantic import (
 
 from . import hero
 from .vocabulary import (
-    AdvantageKind, ChatRole, Mode, TiePolicy, VerifierName, VerifierStatus, WeightGap,
+    AdvantageKind,
+    ChatRole,
+    Mode,
+    TiePolicy,
+    VerifierName,
+    VerifierStatus,
+    WeightGap,
 )
 
 API_VERSION = "v1"
@@ -131,14 +137,16 @@ class HeroParams(_Request):
     """Eq. 3-5 hyper-parameters. Defaults: the paper's appendix (alpha = beta = 0.1 for
     mixed/hard data; 0.05 is the paper's choice for easy-to-verify data)."""
 
-    alpha: float = Field(0.1, ge=0.0, description="half-width of the incorrect band [-alpha, alpha]")
+    alpha: float = Field(0.1, ge=0.0,
+                         description="half-width of the incorrect band [-alpha, alpha]")
     beta: float = Field(0.1, ge=0.0, description="half-width of the correct band [1-beta, 1+beta]")
     w_min: float = Field(0.4, ge=0.0, le=MAX_WEIGHT)
     w_max: float = Field(3.0, ge=0.0, le=MAX_WEIGHT)
     k: float = Field(6.0, ge=0.0, le=MAX_K, description="sigmoid sharpness of the variance weight")
     epsilon: float = Field(1e-6, gt=0.0, le=1.0, description="min-max denominator guard")
     sigma_ref: Optional[float] = Field(
-        None, ge=0.0, le=MAX_ABS_RM_SCORE, description="running mean of group sigma; default: mean sigma of this request"
+        None, ge=0.0, le=MAX_ABS_RM_SCORE,
+        description="running mean of group sigma; default: mean sigma of this request"
     )
     advantage: AdvantageKind = "grpo"
     tie_policy: TiePolicy = "bottom"
@@ -159,7 +167,7 @@ class HeroParams(_Request):
             advantage=self.advantage)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "HeroParams":
+    def _consistent(self) -> HeroParams:
         if self.alpha + self.beta >= 1.0:
             raise ValueError(
                 "alpha + beta must be < 1 so the incorrect band [-alpha, alpha] stays below "
@@ -175,7 +183,8 @@ class Group(_Request):
 
     id: Optional[str] = Field(None, description="client id, echoed back; default: the index")
     prompt: Prompt = ""
-    reference: Optional[str] = Field(None, description="gold answer; required by math/exact/numeric")
+    reference: Optional[str] = Field(None,
+                                     description="gold answer; required by math/exact/numeric")
     responses: list[str] = Field(..., min_length=1)
     rm_scores: Optional[list[float]] = Field(
         None, description="bring your own RM scores (one per response); skips the service's RM"
@@ -192,7 +201,7 @@ class Group(_Request):
         return _check_scores(v, "rm_scores")
 
     @model_validator(mode="after")
-    def _scores_match(self) -> "Group":
+    def _scores_match(self) -> Group:
         if self.rm_scores is not None and len(self.rm_scores) != len(self.responses):
             raise ValueError(
                 f"rm_scores has {len(self.rm_scores)} values for {len(self.responses)} responses"
@@ -225,7 +234,8 @@ class GroupResult(_Response):
     rm_scores: Optional[list[float]] = None
     normalized: list[float]
     truncated: list[bool]
-    partial: bool = Field(False, description="group assembly timed out before the group was complete")
+    partial: bool = Field(
+        False, description="group assembly timed out before the group was complete")
 
 
 class Timings(_Response):
@@ -276,7 +286,7 @@ class GetRewardRequest(BaseModel):
                           "(42 -> \"42\"); the verifiers that need a reference refuse a blank one")
 
     @model_validator(mode="after")
-    def _lengths(self) -> "GetRewardRequest":
+    def _lengths(self) -> GetRewardRequest:
         for name in ("prompts", "labels"):
             values = getattr(self, name)
             if values is not None and len(values) != len(self.query):

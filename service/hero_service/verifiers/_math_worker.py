@@ -42,7 +42,7 @@ import itertools
 import re
 import resource
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
@@ -126,7 +126,7 @@ def _compare(gold: Sequence, predicted: Sequence, timeout_s: int, progress: Repo
                 return ("correct", None)
         except TimeoutException:
             failure = ("timeout", f"math-verify comparison gave up after {timeout_s}s")
-        except Exception as exc:  # noqa: BLE001 - the next pair may still match
+        except Exception as exc:  # the next pair may still match
             if failure is None:
                 failure = ("error", f"comparison failed: {_describe(exc)}")
     return failure or ("incorrect", None)
@@ -139,7 +139,7 @@ def verify_pair(reference: str, response: str, timeout_s: int,
         gold = parse_reference(reference, timeout_s, progress)
     except TimeoutException:
         return ("timeout", "reference parsing timed out")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return ("error", f"reference: {_describe(exc)}")
     if not gold:
         return ("no_answer", "no parsable answer in the reference")
@@ -148,7 +148,7 @@ def verify_pair(reference: str, response: str, timeout_s: int,
         predicted = parse(response, parsing_timeout=timeout_s, raise_on_error=True)
     except TimeoutException:
         return ("timeout", f"math-verify gave up after {timeout_s}s")
-    except Exception as exc:  # noqa: BLE001 - any parser failure is this response's error
+    except Exception as exc:  # any parser failure is this response's error
         return ("error", _describe(exc))
     if not predicted:
         return ("no_answer", "no parsable answer in the response")

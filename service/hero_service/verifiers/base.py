@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from hero_client.vocabulary import VerifierStatus as Status
 
@@ -26,10 +26,10 @@ class Verifier(abc.ABC):
     name: str
     needs_reference: bool = True
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - optional hook: most verifiers hold nothing
         """Acquire resources (worker processes); called once before serving."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook, as start()
         """Release resources; called once at shutdown."""
 
     def ready(self) -> bool:

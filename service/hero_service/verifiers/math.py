@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 from . import _math_worker
 from .base import Verdict, Verifier
@@ -105,7 +106,7 @@ class MathVerifier(Verifier):
             for item, verdict in zip(chunk, verdicts):
                 if not item.future.done():
                     item.future.set_result(verdict)
-        except Exception as exc:  # noqa: BLE001 - e.g. the pool could not be started
+        except Exception as exc:  # e.g. the pool could not be started
             for item in chunk:
                 if not item.future.done():
                     item.future.set_exception(exc)
@@ -121,7 +122,7 @@ class MathVerifier(Verifier):
         return [self._verdict(result) for result in results]
 
     @staticmethod
-    def _verdict(result: "tuple[str, str | None] | ItemFailed") -> Verdict:
+    def _verdict(result: tuple[str, str | None] | ItemFailed) -> Verdict:
         if isinstance(result, ItemFailed):
             if result.kind == "timeout":
                 return Verdict("timeout", f"verifier worker killed: {result.detail}")

@@ -15,10 +15,11 @@ import asyncio
 import logging
 import multiprocessing
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Literal, Optional
 
 from pebble import ProcessExpired, ProcessPool
 
@@ -99,7 +100,7 @@ class ProcessWorkerPool:
         try:
             self._pool.stop()
             self._pool.join(timeout=5)
-        except Exception:  # noqa: BLE001 - the old pool is beyond repair either way
+        except Exception:  # the old pool is beyond repair either way
             log.exception("stopping the broken verifier pool failed")
         self._pool = self._new_pool()
         self.restarts += 1

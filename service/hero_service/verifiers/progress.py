@@ -39,13 +39,13 @@ class ProgressBoard:
         self._slots = itertools.count()
         self._tokens = itertools.count(1)
 
-    def acquire(self) -> "ProgressReporter":
+    def acquire(self) -> ProgressReporter:
         slot = self._free.pop() if self._free else next(self._slots)
         token = next(self._tokens)
         os.pwrite(self._fd, _RECORD.pack(0, -1, 0), slot * _RECORD.size)
         return ProgressReporter(self.path, slot, token)
 
-    def read(self, reporter: "ProgressReporter") -> Position | None:
+    def read(self, reporter: ProgressReporter) -> Position | None:
         """Where the task is, or None if it has not reported yet. A record written by an earlier
         owner of the slot (a killed worker's last write) carries another token and is ignored."""
         data = os.pread(self._fd, _RECORD.size, reporter.slot * _RECORD.size)
@@ -54,7 +54,7 @@ class ProgressBoard:
         token, item, step = _RECORD.unpack(data)
         return Position(item, step) if token == reporter.token else None
 
-    def release(self, reporter: "ProgressReporter") -> None:
+    def release(self, reporter: ProgressReporter) -> None:
         self._free.append(reporter.slot)
 
     def close(self) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from .base import Verdict, Verifier
 
@@ -75,7 +75,7 @@ class _InProcessVerifier(Verifier):
         for response in responses:
             try:
                 verdicts.append(self.judge(reference, response))
-            except Exception as exc:  # noqa: BLE001 - one bad response is that response's error
+            except Exception as exc:  # one bad response is that response's error
                 verdicts.append(Verdict("error", f"{type(exc).__name__}: {str(exc)[:200]}"))
         return verdicts
 

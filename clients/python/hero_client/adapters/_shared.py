@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from typing import Any, Callable, Generic, Hashable, Mapping, Optional, Sequence, TypeVar
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, Generic, Optional, TypeVar
 
 from ..schema import CHAT_ROLES
 
@@ -38,7 +39,7 @@ class LoopCache(Generic[_Value]):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._values: dict[tuple[Hashable, int],
-                           tuple["weakref.ref[asyncio.AbstractEventLoop]", _Value]] = {}
+                           tuple[weakref.ref[asyncio.AbstractEventLoop], _Value]] = {}
 
     def get(self, key: Hashable, make: Callable[[], _Value]) -> _Value:
         loop = asyncio.get_running_loop()

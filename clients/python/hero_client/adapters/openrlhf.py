@@ -41,7 +41,8 @@ then whitens over the whole batch), so HERO's weight survives.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import httpx
 

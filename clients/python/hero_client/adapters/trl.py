@@ -51,7 +51,8 @@ import json
 import logging
 import math
 import os
-from typing import Any, Literal, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Optional, Union
 
 from .._client import DEFAULT_URL, HeroClient, ParamsLike
 from .._sigma import RunningSigma
@@ -206,7 +207,7 @@ class HeroRewardFunction:
         if self._owns_client:
             self.client.close()
 
-    def __enter__(self) -> "HeroRewardFunction":
+    def __enter__(self) -> HeroRewardFunction:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -94,7 +94,8 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Literal, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Optional
 
 import httpx
 
