@@ -55,7 +55,10 @@ endif
 serve: $(VENV)/.server-installed
 	$(VENV)/bin/hero-rewards serve --host $(HOST) --port $(PORT)
 
+# Lint and type-check first (seconds), then the suite; make stops at the first that fails.
 test: $(VENV)/.dev-installed
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 bench: $(VENV)/.dev-installed

@@ -10,8 +10,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import httpx
 
@@ -44,7 +45,7 @@ class ServerProcess:
         self.proc: Optional[subprocess.Popen[str]] = None
         self.log_path = Path(f"/tmp/hero-test-server-{self.port}.log")
 
-    def start(self) -> "ServerProcess":
+    def start(self) -> ServerProcess:
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hero_service", *self.args], env=self.env,
@@ -80,7 +81,7 @@ class ServerProcess:
         self._log.close()
         return self.proc.returncode
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -146,7 +147,7 @@ class ThreadedServer:
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self.thread = None
 
-    def __enter__(self) -> "ThreadedServer":
+    def __enter__(self) -> ThreadedServer:
         import threading
 
         self.thread = threading.Thread(target=self.server.run, daemon=True)

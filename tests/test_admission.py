@@ -7,11 +7,11 @@ import asyncio
 
 import httpx
 import pytest
+from support import running_server
 
 from hero_service.admission import Admission
 from hero_service.errors import Overloaded, TooManyRollouts
 from hero_service.metrics import Metrics
-from support import running_server
 
 
 def gauge(metrics: Metrics, name: str) -> float:

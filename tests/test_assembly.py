@@ -7,7 +7,6 @@ import asyncio
 
 import httpx
 import pytest
-
 from support import running_server
 
 
@@ -34,5 +33,6 @@ def test_per_query_requests_get_true_group_rewards(dev_rows):
                         "responses": row["responses"]}]}).json()["groups"][0]
     assert all(a["extra_logs"]["partial"] == [0.0] for a in answers)
     assert [a["rewards"][0] for a in answers] == pytest.approx(grouped["rewards"], abs=1e-6)
-    assert [a["extra_logs"]["verified"][0] for a in answers] == [float(v) for v in grouped["verified"]]
+    verified = [a["extra_logs"]["verified"][0] for a in answers]
+    assert verified == [float(v) for v in grouped["verified"]]
     assert len({a["extra_logs"]["hero_weight"][0] for a in answers}) == 1  # one group, one weight

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -121,7 +121,7 @@ def test_the_batcher_honours_the_backends_batch_limit():
 
 
 async def score_concurrently(batcher, model, requests):
-    """As the pipeline does: announce the items, tokenize, submit, then withdraw the announcement."""
+    """As the pipeline does: announce the items, tokenize, submit, withdraw the announcement."""
     total = sum(len(t) for t in requests)
     batcher.announce(total)
     tasks = [asyncio.ensure_future(batcher.score(model.encode(items(t)))) for t in requests]

@@ -43,7 +43,8 @@ def test_every_correct_response_outranks_every_incorrect_one(group, alpha, beta)
     best_incorrect = max(x for x, v in zip(out, verified) if not v)
     assert worst_correct > best_incorrect
     # ...and the weighted rewards keep that order (w > 0 scales both strata alike).
-    result = hero.score_group("hero", verified, scores, hero.HeroParams(alpha=alpha, beta=beta), 1.0)
+    params = hero.HeroParams(alpha=alpha, beta=beta)
+    result = hero.score_group("hero", verified, scores, params, 1.0)
     if result.weight > 0:
         assert min(r for r, v in zip(result.rewards, verified) if v) > max(
             r for r, v in zip(result.rewards, verified) if not v)
@@ -101,7 +102,8 @@ def test_weight_is_within_bounds(sigma, ref, w_min, extra, k, gap):
 @given(sigma_st, sigma_st, sigma_st, st.sampled_from(["absolute", "relative"]))
 def test_weight_is_monotone_in_sigma(a, b, ref, gap):
     lo, hi = sorted((a, b))
-    assert hero.variance_weight(lo, ref, weight_gap=gap) <= hero.variance_weight(hi, ref, weight_gap=gap)
+    low = hero.variance_weight(lo, ref, weight_gap=gap)
+    assert low <= hero.variance_weight(hi, ref, weight_gap=gap)
 
 
 def test_weight_midpoint_and_scale_dependence():

@@ -14,9 +14,9 @@ import time
 
 import httpx
 import pytest
+from support import REPO, free_port, running_server
 
 from hero_service.config import Settings
-from support import REPO, free_port, running_server
 
 README = (REPO / "README.md").read_text()
 

@@ -7,7 +7,6 @@ import signal
 import time
 
 import httpx
-
 from support import ServerProcess
 
 

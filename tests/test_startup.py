@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-
 from support import free_port
 
 PREFIX = "hero-rewards serve: error: "

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable, Optional
+from typing import Optional
 
 from fastapi import FastAPI
 
@@ -15,8 +16,8 @@ from .batching import Batcher
 from .config import Settings
 from .http.auth import ApiKeyAuth
 from .http.errors import install_error_handlers
-from .http.openrlhf import GetRewardScorer
 from .http.middleware import BodySizeLimit, LoadShedding, QuietStartupFailure, RequestMetrics
+from .http.openrlhf import GetRewardScorer
 from .http.routes import router
 from .metrics import Metrics
 from .pipeline import Pipeline

@@ -32,14 +32,15 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any
 
 from .breaker import DEFAULT_COOLDOWN_S, DEFAULT_FAILURE_THRESHOLD, STATE_VALUES, CircuitBreaker
 from .metrics import Metrics
 from .reward_models import Encoded, RewardModel, RewardModelError
-from .reward_models.base import RewardModelUnavailable
 from .reward_models._torch_utils import is_out_of_memory, release_cached_memory
+from .reward_models.base import RewardModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ class Batcher:
             exc.retry_after_s = min(MAX_RETRY_AFTER_S,
                                     max(exc.retry_after_s or 0, self.breaker.retry_after_s()))
             return [exc] * len(batch)
-        except Exception as exc:  # noqa: BLE001 - isolated below, reported per item
+        except Exception as exc:
             self.breaker.record_success()  # the backend answered; the failure is about inputs
             if len(batch) == 1:
                 if is_out_of_memory(exc):

@@ -22,7 +22,8 @@ import logging
 import math
 import threading
 import time
-from typing import Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Literal, Optional
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import json
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 from pydantic import ValidationError
 

@@ -8,12 +8,12 @@ import os
 from pathlib import Path
 from typing import Literal, Optional
 
-from hero_client.schema import VerifierName
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .redaction import redact_text
+from hero_client.schema import VerifierName
 
+from .redaction import redact_text
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
@@ -26,9 +26,12 @@ class Settings(BaseSettings):
     reward_model: str = Field(
         "embedded", description="embedded | hf:PATH | remote:URL (the reward model backend)"
     )
-    verifier: VerifierName = Field("math", description="default verifier for requests that name none")
-    api_key: Optional[SecretStr] = Field(None, description="bearer key required on scoring endpoints")
-    api_key_file: Optional[Path] = Field(None, description="file holding the API key (Kubernetes Secret)")
+    verifier: VerifierName = Field(
+        "math", description="default verifier for requests that name none")
+    api_key: Optional[SecretStr] = Field(
+        None, description="bearer key required on scoring endpoints")
+    api_key_file: Optional[Path] = Field(
+        None, description="file holding the API key (Kubernetes Secret)")
     insecure: bool = Field(False, description="allow a non-loopback bind without an API key")
 
     # Reward model.
@@ -42,15 +45,20 @@ class Settings(BaseSettings):
 
     # Dynamic batching.
     max_batch_tokens: int = Field(
-        0, ge=0, description="padded tokens per forward batch; 0 = 4096 on CPU, 16384 on GPU/remote")
+        0, ge=0,
+        description="padded tokens per forward batch; 0 = 4096 on CPU, 16384 on GPU/remote")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
     max_queued_rollouts: int = Field(4096, ge=1, description="queue bound; beyond it: 429")
 
     # Verifier pool.
     verifier_workers: int = Field(0, ge=0, description="worker processes; 0 = one per core")
-    verifier_timeout_s: int = Field(5, ge=1, description="math-verify timeout per parse/compare (s); a worker whose call runs 1 s past it is killed (per call, not per chunk)")
-    verifier_max_tasks: int = Field(2000, ge=1, description="recycle a worker after this many tasks")
-    verifier_memory_mb: int = Field(2048, ge=0, description="address-space cap per worker; 0 = none")
+    verifier_timeout_s: int = Field(
+        5, ge=1, description="math-verify timeout per parse/compare (s); a worker whose call runs "
+        "1 s past it is killed (per call, not per chunk)")
+    verifier_max_tasks: int = Field(
+        2000, ge=1, description="recycle a worker after this many tasks")
+    verifier_memory_mb: int = Field(
+        2048, ge=0, description="address-space cap per worker; 0 = none")
     # Responses decoded with skip_special_tokens=False end with the policy's EOS/pad text.
     strip_special_tokens: bool = Field(
         True, description="remove trailing EOS/pad text (<|im_end|>, </s>, <|eot_id|>, ...) from "
@@ -71,7 +79,8 @@ class Settings(BaseSettings):
         None, description="file holding the Redis password (Kubernetes Secret)")
 
     # Input limits.
-    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body; beyond it: 413")
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="largest request body; beyond it: 413")
     max_groups: int = Field(1024, ge=1, description="groups per request")
     max_responses_per_group: int = Field(256, ge=1, description="responses per group")
     max_response_chars: int = Field(200_000, ge=1, description="characters per response")

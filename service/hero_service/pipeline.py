@@ -8,13 +8,22 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import Optional
 
 from hero_client import hero
 from hero_client.schema import (
-    Group, GroupResult, HeroParams as RequestParams, Mode, RewardsRequest, RewardsResponse,
-    Timings, VerifierStatus,
+    Group,
+    GroupResult,
+    Mode,
+    RewardsRequest,
+    RewardsResponse,
+    Timings,
+    VerifierStatus,
+)
+from hero_client.schema import (
+    HeroParams as RequestParams,
 )
 
 from . import special_tokens

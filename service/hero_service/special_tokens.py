@@ -16,8 +16,8 @@ special tokens added, before its chat template writes the turn's end."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from functools import lru_cache
-from typing import Callable, Iterable
 
 # The end-of-turn, end-of-text and pad texts of common policy families.
 DEFAULT_SPECIAL_TOKEN_TEXTS: tuple[str, ...] = (

@@ -12,13 +12,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from adapter_support import byte_level_tokenizer, metric
-from hero_client import HeroClient
-from hero_client.adapters import openrlhf as hero_openrlhf
+from openrlhf.utils import agent  # installed --no-deps by make test
 from support import running_server
 
-from openrlhf.utils import agent  # installed --no-deps by make test
+from hero_client import HeroClient
+from hero_client.adapters import openrlhf as hero_openrlhf
 
 N = 4
 
@@ -126,9 +125,8 @@ def test_openrlhf_templated_prompts_eos_ids_and_numeric_labels(assembling_server
     OpenRLHF's own ``preprocess_data``), a numeric label column, and completions that end with the
     EOS token id as vLLM returns them; OpenRLHF decodes with ``skip_special_tokens=False``. The
     service must read the verdicts and rewards of the plain conversation off that."""
-    from openrlhf.datasets.prompts_dataset import preprocess_data
-
     from chat_template_support import dev_messages, template_text
+    from openrlhf.datasets.prompts_dataset import preprocess_data
 
     row = dev_rows[17]  # mixed group, integer answer
     assert row["reference"].isdigit()

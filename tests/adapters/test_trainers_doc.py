@@ -14,12 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from adapter_support import metric, minilm_chat_tokenizer, tiny_causal_lm
+from support import REPO, running_server
+
 from hero_client._score_command import build_parser
 from hero_client.adapters.openrlhf import openrlhf_args
-from support import REPO, running_server
 
 DOC = (REPO / "docs" / "trainers.md").read_text()
 
@@ -60,10 +59,9 @@ def test_trainers_doc_trl_calling_convention_and_config():
 
 
 def test_trainers_doc_verl_config_keys_exist():
-    import verl  # noqa: F401
+    import verl
     from omegaconf import OmegaConf
 
-    import verl
 
     config = OmegaConf.load(Path(verl.__file__).parent / "trainer" / "config"
                             / "_generated_ppo_trainer.yaml")

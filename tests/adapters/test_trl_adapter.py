@@ -6,12 +6,11 @@ from __future__ import annotations
 import math
 
 import pytest
-
+import trl  # noqa: F401  (installed by make test; a missing trl must fail, not skip)
 from adapter_support import metric, minilm_chat_tokenizer, tiny_causal_lm
+
 from hero_client import HeroClient, RunningSigma
 from hero_client.adapters.trl import HeroRewardFunction, aligned_spans, group_spans
-
-import trl  # noqa: F401  (installed by make test; a missing trl must fail, not skip)
 
 
 def math_dataset(rows, conversational: bool = True):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from support import free_port
+
 from hero_client import HeroClient
 
 WORKER = Path(__file__).resolve().parent / "trl_two_process_worker.py"

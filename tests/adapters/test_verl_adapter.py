@@ -23,9 +23,12 @@ import time
 
 import numpy as np
 import pytest
-from httpx._config import DEFAULT_LIMITS  # the premise of the connection-pool test
-
+import torch
 from adapter_support import byte_level_tokenizer, metric
+from httpx._config import DEFAULT_LIMITS  # the premise of the connection-pool test
+from redis_support import RedisServer
+from support import ServerProcess, free_port, running_server
+
 from hero_client import HeroClient
 from hero_client.adapters.verl import (
     check_service,
@@ -34,11 +37,6 @@ from hero_client.adapters.verl import (
     group_key,
     wire_group_key,
 )
-from redis_support import RedisServer
-from support import ServerProcess, free_port, running_server
-
-import verl  # installed --no-deps by make test
-import torch
 
 
 def make_data(tokenizer, samples):

@@ -16,8 +16,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # adapter_support, support (as pytest sees them)
 
-from adapter_support import minilm_chat_tokenizer, tiny_causal_lm  # noqa: E402
-from hero_client.adapters.trl import HeroRewardFunction  # noqa: E402
+from adapter_support import minilm_chat_tokenizer, tiny_causal_lm
+
+from hero_client.adapters.trl import HeroRewardFunction
 
 PER_DEVICE_BATCH = 3  # with 2 processes and num_generations=2: the middle group is cut
 NUM_GENERATIONS = 2

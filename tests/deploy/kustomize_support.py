@@ -9,7 +9,7 @@ import copy
 import os
 import shutil
 import subprocess
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,7 @@ def kustomize_command() -> list[str]:
     pytest.skip(reason)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _build(directory: Path) -> tuple[dict, ...]:
     out = subprocess.run([*kustomize_command(), str(directory)], capture_output=True,
                          text=True, timeout=120)

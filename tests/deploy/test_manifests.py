@@ -1,31 +1,31 @@
 """Offline validation of the container image definition and the Kubernetes deployment.
 
-Renders every overlay under deploy/overlays with the real kustomize (kubectl kustomize), validates every object strictly (kubernetes-validate for the
-built-in kinds, the CRD schemas in deploy/schemas for KEDA and prometheus-operator), lints the
+Renders every overlay under deploy/overlays with the real kustomize (kubectl kustomize),
+validates every object strictly (kubernetes-validate for the built-in kinds, the CRD schemas in
+deploy/schemas for KEDA and prometheus-operator), lints the
 Dockerfile (hadolint) and the YAML (yamllint), and checks that the manifests agree with the
 service: ports, probe paths, the autoscaling metric, HERO_* settings, metric names."""
 
 from __future__ import annotations
 
 import copy
-import fnmatch
 import json
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-from functools import lru_cache
+from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from referencing import Registry, Resource
-
 from kustomize_support import kustomize_build
+from referencing import Registry, Resource
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -98,7 +98,7 @@ def strict_crd_schema(schema: Any) -> Any:
     return schema
 
 
-@lru_cache(maxsize=None)
+@cache
 def _object_meta_validator() -> jsonschema.protocols.Validator:
     root = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
     version_dir = root / f"v{kubernetes_validate.latest_version()}-local-strict"
@@ -108,7 +108,7 @@ def _object_meta_validator() -> jsonschema.protocols.Validator:
     return jsonschema.Draft202012Validator(meta, registry=registry)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _crd_validator(api_version: str, kind: str) -> jsonschema.protocols.Validator:
     schema = json.loads((DEPLOY / "schemas" / CRD_SCHEMAS[(api_version, kind)]).read_text())
     schema = strict_crd_schema(schema)
@@ -254,7 +254,7 @@ def test_examples_validate_strictly(path):
 
 
 def test_crd_schemas_are_the_published_ones():
-    for (api_version, kind), filename in CRD_SCHEMAS.items():
+    for (api_version, _kind), filename in CRD_SCHEMAS.items():
         schema = json.loads((DEPLOY / "schemas" / filename).read_text())
         source = schema["x-source"]
         assert re.fullmatch(r"[0-9a-f]{40}", source["commit"]), filename

@@ -1,7 +1,8 @@
 """The shared group store for several replicas: components/redis (a Redis StatefulSet),
 components/redis-external (an existing Redis) and overlays/gpu-redis.
 
-Rendered with the real kustomize (``kubectl kustomize``). The Redis flags and probe commands of the StatefulSet are also run against a real
+Rendered with the real kustomize (``kubectl kustomize``). The Redis flags and probe commands of
+the StatefulSet are also run against a real
 ``redis-server`` on 127.0.0.1."""
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ import yaml
 from kustomize_support import kustomize_build
 from support import free_port
 from test_manifests import (
-    DEPLOY, PORT, allowed_hero_env_names, only, server_container, validate_object,
+    DEPLOY,
+    PORT,
+    allowed_hero_env_names,
+    only,
+    server_container,
+    validate_object,
 )
 
 REDIS_PORT = 6379
@@ -263,7 +269,9 @@ def test_only_the_server_pods_reach_redis_and_only_on_its_port():
 def external(tmp_path_factory) -> list[dict]:
     """base + cpu + redis-external, as a user's own overlay would combine them."""
     root = tmp_path_factory.mktemp("overlay")
-    rel = lambda p: os.path.relpath(DEPLOY / p, root)  # kustomize refuses absolute paths
+    def rel(p: str) -> str:
+        return os.path.relpath(DEPLOY / p, root)  # kustomize refuses absolute paths
+
     (root / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
         "namespace": "hero-rewards",

@@ -7,17 +7,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sys
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from redis_support import RedisServer  # noqa: E402
+from redis_support import RedisServer
 
-from hero_service.group_store import GroupStore, MemoryBackend, MemoryGroupStore  # noqa: E402
-from hero_service.group_store.redis import RedisGroupStore  # noqa: E402
+from hero_service.group_store import GroupStore, MemoryBackend, MemoryGroupStore
+from hero_service.group_store.redis import RedisGroupStore
 
 T = TypeVar("T")
 _prefixes = itertools.count()
@@ -52,7 +53,7 @@ class Stores:
         self.made.append(store)
         return store
 
-    def run(self, scenario: Callable[["Stores"], Awaitable[T]], timeout_s: float = 60.0) -> T:
+    def run(self, scenario: Callable[[Stores], Awaitable[T]], timeout_s: float = 60.0) -> T:
         """Run an async scenario on a fresh loop, closing every store it made."""
         async def go() -> T:
             try:

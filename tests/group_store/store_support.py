@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from hero_client.schema import GroupResult
-
 from hero_client import hero
+from hero_client.schema import GroupResult
 from hero_service.group_store import ClosedGroup, Member
 
 PARAMS = hero.HeroParams()

@@ -8,14 +8,19 @@ import random
 import time
 
 import pytest
+from store_support import RecordingCombine, combine, hero_group, member
 
 from hero_client import hero
 from hero_service.group_store import (
-    Attach, ClosedGroup, GroupKey, GroupScoringFailed, GroupStoreOverloaded, Member, SigmaRule,
+    Attach,
+    ClosedGroup,
+    GroupKey,
+    GroupScoringFailed,
+    GroupStoreOverloaded,
+    Member,
+    SigmaRule,
 )
-from hero_service.group_store.base import fold_sigma, SigmaState
-
-from store_support import RecordingCombine, combine, hero_group, member
+from hero_service.group_store.base import SigmaState, fold_sigma
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -67,7 +72,8 @@ def test_member_after_the_group_closed_opens_the_next_group(stores):
                                         for m, v in (("c", 5.0), ("d", 9.0))))
         return first, second
     first, second = stores.run(scenario)
-    assert first[0][0].group.rm_scores is not None and sorted(first[0][0].group.rm_scores) == [1.0, 2.0]
+    scores = first[0][0].group.rm_scores
+    assert scores is not None and sorted(scores) == [1.0, 2.0]
     assert sorted(second[0][0].group.rm_scores) == [5.0, 9.0]
     assert not second[0][0].partial
 
@@ -353,7 +359,8 @@ def test_sigma_series_follows_the_batch_time_constant_group_by_group(stores):
     v2 = (1.0 + 2.0) / 2
     v3 = m * v2 + (1 - m) * 0.0
     v4 = m * v3 + (1 - m) * 3.0
-    assert seen == [None, v1, v2, pytest.approx(v3, rel=1e-12)]  # each group saw the value before it
+    # each group saw the value before it
+    assert seen == [None, v1, v2, pytest.approx(v3, rel=1e-12)]
     assert final == pytest.approx(v4, rel=1e-12)
     # In numbers: m = 0.948683; v3 = 1.423025; v4 = 1.350000 + 0.153950 = 1.503950. The batch
     # rule would give 0.9 * 1.5 + 0.1 * mean(0, 3) = 1.5: same weight 0.9 on the old value, the

@@ -11,20 +11,19 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from pydantic import SecretStr
+from redis_support import RedisServer, redis_server_binary
+from store_support import RecordingCombine, combine, member
+from support import free_port
 
 from hero_service.config import Settings
 from hero_service.group_store import GroupKey, GroupStoreUnavailable, MemoryGroupStore
 from hero_service.group_store.factory import create_group_store
 from hero_service.group_store.redis import RedisGroupStore
-
-from redis_support import RedisServer, redis_server_binary
-from store_support import RecordingCombine, combine, member
-from support import free_port
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -75,7 +75,8 @@ def test_rm_mode_standardises_within_the_group(server, auth, dev_rows):
 
 def test_embedded_rm_end_to_end_and_chat_prompts(server, auth, dev_rows):
     row = dev_rows[3]
-    prompt = [{"role": "system", "content": row["system"]}, {"role": "user", "content": row["prompt"]}]
+    prompt = [{"role": "system", "content": row["system"]},
+              {"role": "user", "content": row["prompt"]}]
     body = post(server, "/v1/rewards", {"request_id": "abc", "params": {"advantage": "rloo"},
                                         "groups": [{"prompt": prompt, "reference": row["reference"],
                                                     "responses": row["responses"]}]}, auth).json()

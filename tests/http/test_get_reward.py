@@ -12,11 +12,9 @@ import re
 
 import httpx
 import pytest
-
 from chat_template_support import dev_messages, policy_tokenizer, render_prompt
-from support import build_tiny_decoder_rm, running_server
-
 from openrlhf.utils import agent  # installed --no-deps by make test
+from support import build_tiny_decoder_rm, running_server
 
 GROUP = 8
 

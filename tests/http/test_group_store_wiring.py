@@ -12,7 +12,6 @@ import time
 
 import httpx
 import pytest
-
 from support import ServerProcess, free_port, running_server
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import datetime
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from support import REPO
 
 REPORT = REPO / "docs" / "reliability.md"

@@ -28,4 +28,5 @@ def test_rewards_do_not_depend_on_batching(server, auth, dev_rows, figures):
         for key in ("rm_scores", "rewards", "advantages"):
             worst = max(worst, max(abs(x - y) for x, y in zip(a[key], b[key])))
     assert worst <= 1e-5
-    figures.record("determinism", "max abs difference of rewards, alone vs batched with traffic", worst)
+    figures.record("determinism", "max abs difference of rewards, alone vs batched with traffic",
+                   worst)

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import httpx
 import psutil
-import pytest
 import torch
+from support import ThreadedServer, running_server
 
 from hero_service.app import create_app
 from hero_service.config import Settings
 from hero_service.reward_models import RewardModel, load_reward_model
 from hero_service.verifiers import MathVerifier
-from support import ThreadedServer, running_server
 
 POISON = "POISON: this response breaks the reward model"
 
@@ -186,7 +185,8 @@ def test_hung_remote_rm_fails_fast_opens_the_breaker_and_recovers(dev_rows, figu
     error = first.json()["error"]
     assert error["code"] == "reward_model_unavailable" and "timed out after 2s" in error["message"]
     assert 1 <= int(first.headers["retry-after"]) <= 60
-    assert second.status_code == 503 and second.json()["error"]["code"] == "reward_model_unavailable"
+    assert second.status_code == 503
+    assert second.json()["error"]["code"] == "reward_model_unavailable"
     assert "circuit breaker open" in second.json()["error"]["message"]
     assert second_s < 2  # under the remote timeout: no call, no queueing
     assert 1 <= int(second.headers["retry-after"]) <= 60
@@ -216,7 +216,8 @@ def test_request_larger_than_the_queue_is_413_not_429(dev_rows, figures):
     def rewards(n: int) -> dict:
         groups: dict[str, dict] = {}
         for row, x in pairs(n):
-            groups.setdefault(row["prompt"], {"prompt": row["prompt"], "reference": row["reference"],
+            groups.setdefault(row["prompt"], {"prompt": row["prompt"],
+                                              "reference": row["reference"],
                                               "responses": []})["responses"].append(x)
         return {"groups": list(groups.values())}
 

@@ -9,7 +9,6 @@ import time
 import httpx
 import psutil
 import pytest
-
 from hostile_corpus import HOSTILE_CASES
 from support import running_server
 

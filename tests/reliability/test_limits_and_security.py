@@ -13,9 +13,9 @@ import time
 
 import httpx
 import pytest
+from support import build_tiny_decoder_rm, free_port, running_server
 
 from hero_service.reward_models import load_reward_model
-from support import build_tiny_decoder_rm, free_port, running_server
 
 LIMITS = ["--max-body-bytes", "20000", "--max-groups", "3", "--max-responses-per-group", "4",
           "--max-response-chars", "500"]
@@ -163,7 +163,7 @@ def _post_partial_body(port: int, headers: str, declared: int, sent: int,
         sock.settimeout(wait_s)
         try:
             answer = sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             return None
         # The head and the body of the answer may arrive in separate segments: read the body
         # its Content-Length announces (or until the server closes).
@@ -195,7 +195,8 @@ def test_a_missing_or_wrong_key_is_refused_before_the_body_is_read(server, heade
     assert b"www-authenticate: bearer" in answer.lower()
     elapsed = time.monotonic() - started
     assert elapsed < 15
-    figures.record("security", f"key {'wrong in ' + headers.split(':')[0] if headers else 'missing'}, 16 MiB declared, "
+    key = f"wrong in {headers.split(':')[0]}" if headers else "missing"
+    figures.record("security", f"key {key}, 16 MiB declared, "
                    "64 KiB sent: 401 after (s), body not awaited", elapsed)
 
 

@@ -10,9 +10,9 @@ import time
 
 import httpx
 import psutil
+from support import running_server
 
 from hero_client import AsyncHeroClient, RetryPolicy
-from support import running_server
 
 ROLLOUTS_PER_REQUEST = 8
 

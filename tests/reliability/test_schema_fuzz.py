@@ -18,7 +18,7 @@ def test_no_server_errors_and_json_errors_everywhere(server, auth, figures):
     sent: dict[str, int] = {}
     statuses: dict[int, int] = {}
 
-    for operation in operations:
+    def fuzzer(operation):
         key = f"{operation.method.upper()} {operation.path}"
 
         @given(case=operation.as_strategy())
@@ -33,7 +33,10 @@ def test_no_server_errors_and_json_errors_everywhere(server, auth, figures):
                 error = response.json()["error"]
                 assert isinstance(error["code"], str) and error["message"], response.text
 
-        fuzz()
+        return fuzz
+
+    for operation in operations:
+        fuzzer(operation)()
 
     assert set(sent) == {f"{op.method.upper()} {op.path}" for op in operations}
     assert "POST /v1/rewards" in sent and "POST /get_reward" in sent

@@ -38,7 +38,8 @@ import math
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -300,7 +301,7 @@ class StandinServer:
             target=self._server.run, kwargs={"sockets": [self._socket]},
             name="standin-rm-server", daemon=True)
 
-    def start(self) -> "StandinServer":
+    def start(self) -> StandinServer:
         self._thread.start()
         deadline = time.monotonic() + 10
         while not self._server.started:
@@ -327,7 +328,7 @@ class StandinServer:
         with self.state.lock:
             return list(self.state.requests)
 
-    def __enter__(self) -> "StandinServer":
+    def __enter__(self) -> StandinServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from chat_template_support import dev_messages, policy_tokenizer, render_prompt
-from hero_service.reward_models import ScoringItem, load_reward_model
 from support import build_tiny_decoder_rm
+
+from hero_service.reward_models import ScoringItem, load_reward_model
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ own template renders them once), or recognised as rendered and left alone."""
 from __future__ import annotations
 
 import pytest
-
 from chat_template_support import dev_messages, policy_tokenizer, render_prompt
+
 from hero_service.reward_models import templates
 
 CONVERSATIONS = [

@@ -8,7 +8,6 @@ import asyncio
 
 import httpx
 import pytest
-
 from openrlhf.utils import agent  # installed --no-deps by make test
 
 

@@ -18,10 +18,11 @@ import asyncio
 import re
 import sys
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable, Iterator, Optional
+from typing import Optional
 
 import httpx
 import pytest
@@ -29,13 +30,16 @@ import redis as redis_py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from redis_support import RedisServer  # noqa: E402
-from support import ServerProcess  # noqa: E402
-
-from hero_client import hero  # noqa: E402
-from scale_support import (  # noqa: E402
-    check_group, one_query_per_call, openrlhf_executor, send_one_query_per_call,
+from redis_support import RedisServer
+from scale_support import (
+    check_group,
+    one_query_per_call,
+    openrlhf_executor,
+    send_one_query_per_call,
 )
+from support import ServerProcess
+
+from hero_client import hero
 
 pytestmark = pytest.mark.timeout(240)
 

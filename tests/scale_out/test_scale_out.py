@@ -16,10 +16,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from redis_support import RedisServer  # noqa: E402
-from support import ServerProcess  # noqa: E402
-
-from scale_support import check_group, one_query_per_call  # noqa: E402
+from redis_support import RedisServer
+from scale_support import check_group, one_query_per_call
+from support import ServerProcess
 
 N = 8
 

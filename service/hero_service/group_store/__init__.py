@@ -19,7 +19,8 @@ How the endpoints use it (the wiring, a follow-up to this package):
    ``MemberOutcome`` maps onto today's ``AssembledResult(group, index, sigma_ref, partial)``.
    Member ids (wired in ``http/openrlhf.py``): digest(run, n, prompt, label, query) + ``#k``,
    k the first index whose attachment lease no live request holds, picked by the join itself
-   (``join(..., attach=Attach(...))``, one atomic step); renewed while the request waits, released when it ends (kept for ``result_ttl_s`` once its
+   (``join(..., attach=Attach(...))``, one atomic step); renewed while the request waits,
+   released when it ends (kept for ``result_ttl_s`` once its
    answer was delivered), so identical samples are separate members and a re-sent request
    whose first attempt got no answer re-attaches.
 3. ``/v1/rewards`` pieces (``group_key`` + ``group_size``): ``GroupKey.for_group_key(run,
@@ -44,8 +45,19 @@ How the endpoints use it (the wiring, a follow-up to this package):
 """
 
 from .base import (
-    Attach, ClosedGroup, Combine, GroupKey, GroupScoringFailed, GroupStore, GroupStoreOverloaded,
-    GroupStoreUnavailable, Member, MemberOutcome, SigmaRule, StoreStats, stable_digest,
+    Attach,
+    ClosedGroup,
+    Combine,
+    GroupKey,
+    GroupScoringFailed,
+    GroupStore,
+    GroupStoreOverloaded,
+    GroupStoreUnavailable,
+    Member,
+    MemberOutcome,
+    SigmaRule,
+    StoreStats,
+    stable_digest,
 )
 from .factory import create_group_store, resolved_password
 from .memory import MemoryBackend, MemoryGroupStore

@@ -40,14 +40,16 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import math
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional, Sequence, Union, get_args
+from typing import Any, Literal, Optional, Union, get_args
 
 from hero_client.schema import GroupResult, VerifierStatus
 
@@ -123,12 +125,12 @@ class GroupKey:
 
     @classmethod
     def for_prompt(cls, run: str, prompt: Union[str, list[dict[str, str]]],
-                   reference: Optional[str], size: int) -> "GroupKey":
+                   reference: Optional[str], size: int) -> GroupKey:
         """The key of the group of (run, prompt, reference) with N = ``size``."""
         return cls(run, stable_digest("prompt", prompt, reference), size)
 
     @classmethod
-    def for_group_key(cls, run: str, group_key: str, size: int) -> "GroupKey":
+    def for_group_key(cls, run: str, group_key: str, size: int) -> GroupKey:
         """The key of a caller-named group (``group_key`` on /v1/rewards)."""
         return cls(run, stable_digest("group_key", group_key), size)
 
@@ -166,7 +168,7 @@ class Member:
         return json.dumps({"s": self.verifier_status, "r": self.rm_score, "t": self.truncated})
 
     @classmethod
-    def from_json(cls, member_id: str, blob: str) -> "Member":
+    def from_json(cls, member_id: str, blob: str) -> Member:
         data = json.loads(blob)
         return cls(member_id, data["s"], data["r"], bool(data["t"]))
 
@@ -615,7 +617,8 @@ class GroupStore(abc.ABC):
                 log.warning("group %s:%s vanished from the store; re-joining %d member(s)",
                             key.digest[:8], reply.gen, len(members))
                 replies = await self._retrying(  # admitted already: no bound again
-                    lambda: self._join(key, members, left, UNBOUNDED, None, False), give_up_at)
+                    functools.partial(self._join, key, members, left, UNBOUNDED, None, False),
+                    give_up_at)
                 reply = min(replies, key=lambda r: _PRIORITY.get(r.kind, -1))
                 continue
             # waiting or closing: sleep until notified, the deadline, or the lease's end.
@@ -630,7 +633,8 @@ class GroupStore(abc.ABC):
                 if spins > 1:
                     await asyncio.sleep(min(0.01 * spins, 0.2))
             gen = reply.gen
-            reply = await self._retrying(lambda: self._claim(key, gen, ids), give_up_at)
+            reply = await self._retrying(functools.partial(self._claim, key, gen, ids),
+                                         give_up_at)
             if reply.kind == "closed":
                 self._marked_delivered.update(ids)
 
@@ -645,7 +649,7 @@ class GroupStore(abc.ABC):
             if len(group.rewards) != n or len(group.verified) != n:
                 raise ValueError(f"combine returned {len(group.rewards)} rewards for {n} members")
             group = group.model_copy(update={"partial": reply.partial})
-        except Exception as exc:  # noqa: BLE001 - reported to every member of the group
+        except Exception as exc:
             log.exception("combining group %s:%s failed", key.digest[:8], reply.gen)
             error = f"combining the group failed: {type(exc).__name__}: {exc}"
             group = None

@@ -11,11 +11,20 @@ import dataclasses
 import heapq
 import itertools
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 from .base import (
-    Attach, GroupKey, GroupStore, Member, Reply, SigmaRule, SigmaState, Signals, fold_sigma,
+    Attach,
+    GroupKey,
+    GroupStore,
+    Member,
+    Reply,
+    SigmaRule,
+    SigmaState,
+    Signals,
+    fold_sigma,
     identical_overload,
 )
 

@@ -26,20 +26,31 @@ import dataclasses
 import logging
 import math
 import secrets
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
-from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
+from typing import Any, Optional, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
-    AuthenticationError, AuthenticationWrongNumberOfArgsError, AuthorizationError,
-    NoPermissionError, RedisError, ResponseError,
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    AuthorizationError,
+    NoPermissionError,
+    RedisError,
+    ResponseError,
 )
 
 from .base import (
-    Attach, GroupKey, GroupStore, GroupStoreUnavailable, Member, Reply, Signals,
+    Attach,
+    GroupKey,
+    GroupStore,
+    GroupStoreUnavailable,
+    Member,
+    Reply,
+    Signals,
     identical_overload,
 )
 
@@ -166,14 +177,14 @@ class RedisGroupStore(GroupStore):
                         self._signals.notify((digest, gen), closed=phase == "closed")
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - reconnect whatever broke
+            except Exception as exc:
                 log.debug("group store subscription lost (%s); reconnecting", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             finally:
                 try:
                     await asyncio.wait_for(pubsub.aclose(), 1.0)
-                except Exception:  # noqa: BLE001 - the connection is gone anyway
+                except Exception:
                     pass
 
     async def _poll(self) -> None:
@@ -262,7 +273,7 @@ class RedisGroupStore(GroupStore):
 
     async def sigma_values(self) -> dict[str, float]:
         raw = await self._call("sigma_read", lambda: self._redis.hgetall(self._keys[3]))
-        return {run: float(v) for run, v in raw.items()}
+        return {str(run): float(v) for run, v in raw.items()}  # decode_responses: already str
 
     def _attach_key(self, name: str) -> str:
         return f"{self.prefix}:attached:{name}"

@@ -7,7 +7,8 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from ..admission import Admission
 from ..metrics import Metrics

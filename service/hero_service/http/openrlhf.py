@@ -49,18 +49,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Optional, Union
+from typing import Optional, Union
 
 from hero_client import hero
 from hero_client.schema import (
-    GetRewardRequest, GetRewardResponse, Group, GroupResult, HeroParams, Mode, RewardsRequest,
+    GetRewardRequest,
+    GetRewardResponse,
+    Group,
+    GroupResult,
+    HeroParams,
+    Mode,
+    RewardsRequest,
 )
 
 from .. import special_tokens
 from ..errors import InputError, Overloaded, ServiceError
 from ..group_store import (
-    Attach, ClosedGroup, GroupKey, GroupStore, GroupStoreUnavailable, Member, MemberOutcome,
+    Attach,
+    ClosedGroup,
+    GroupKey,
+    GroupStore,
+    GroupStoreUnavailable,
+    Member,
+    MemberOutcome,
     stable_digest,
 )
 from ..pipeline import LocalScores, Pipeline, combine_group, hero_params
@@ -315,7 +328,7 @@ class GetRewardScorer:
                 self._on_sigma(run, await self.store.sigma_value(run))
 
     @contextlib.asynccontextmanager
-    async def held_ids(self, size: int) -> AsyncIterator["HeldIds"]:
+    async def held_ids(self, size: int) -> AsyncIterator[HeldIds]:
         """The member ids a request's joins pick (``base#k``, see group_store.Attach), held by
         attachment leases while it waits and let go when it ends: kept taken if its answer
         went out (usually marked so already by the step that answered it), else freed for

@@ -16,7 +16,11 @@ from ..admission import Permit
 from ..group_store import GroupKey, GroupStore, Member, MemberOutcome, stable_digest
 from ..pipeline import LocalScores, Pipeline
 from .openrlhf import (
-    DEFAULT_RUN, GetRewardScorer, StopCheck, assembled_combine, check_room_to_wait,
+    DEFAULT_RUN,
+    GetRewardScorer,
+    StopCheck,
+    assembled_combine,
+    check_room_to_wait,
 )
 
 
@@ -72,12 +76,16 @@ async def _assemble(pipeline: Pipeline, store: GroupStore, scorer: GetRewardScor
         for g, result in zip(whole, combined.groups):
             results[g] = result.model_copy(update={"id": request.groups[g].id or str(g)})
     bases = []
+    sizes: dict[int, int] = {}
+    keys: dict[int, str] = {}
     for g in pieces:
         group = request.groups[g]
+        assert group.group_key is not None and group.group_size is not None  # a piece has both
+        keys[g], sizes[g] = group.group_key, group.group_size
         for response in group.responses:
             bases.append(stable_digest("piece", run, group.group_key, group.group_size,
                                        group.reference, response))
-    async with scorer.held_ids(max(request.groups[g].group_size for g in pieces)) as held:
+    async with scorer.held_ids(max(sizes.values())) as held:
         joins, at = [], 0
         for g in pieces:
             group = request.groups[g]
@@ -87,7 +95,7 @@ async def _assemble(pipeline: Pipeline, store: GroupStore, scorer: GetRewardScor
                        for i, v in enumerate(local.verdicts[g])]
             at += len(members)
             joins.append(store.join(
-                GroupKey.for_group_key(run, group.group_key, group.group_size), members,
+                GroupKey.for_group_key(run, keys[g], sizes[g]), members,
                 assembled_combine(request.params, request.mode), admitted=len(pieces) > 1,
                 attach=held.attach, on_attached=held.add))
         permit.park()
@@ -100,5 +108,5 @@ async def _assemble(pipeline: Pipeline, store: GroupStore, scorer: GetRewardScor
     pipeline.metrics.rollouts_scored.labels(request.mode).inc(local.n_rollouts)
     return RewardsResponse(
         request_id=request.request_id, mode=request.mode,
-        reward_model=pipeline.reward_model.model_id, verifier=local.verifier.name,  # type: ignore[arg-type]
+        reward_model=pipeline.reward_model.model_id, verifier=local.verifier.name,
         sigma_ref=sigma_ref, groups=results, timings_ms=local.timings(started))

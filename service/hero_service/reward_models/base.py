@@ -8,8 +8,9 @@ batch of encoded items."""
 from __future__ import annotations
 
 import abc
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Sequence, Union
+from typing import Any, Union
 
 Messages = list[dict[str, str]]
 PromptLike = Union[str, Messages]
@@ -70,7 +71,7 @@ class RewardModel(abc.ABC):
     def forward(self, batch: Sequence[Encoded]) -> list[float]:
         ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing to free
         """Release the model (called once, at shutdown)."""
 
 

@@ -8,8 +8,8 @@ it is not a trained reward model. Use ``hf:PATH`` with a real RM for training.""
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

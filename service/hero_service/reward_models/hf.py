@@ -17,8 +17,8 @@ What the RM is shown (``render_item``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
@@ -27,7 +27,14 @@ from ..special_tokens import DEFAULT_SPECIAL_TOKEN_TEXTS, TrailingTokenStripper
 from . import templates
 from ._torch_utils import pad_right, resolve_device, resolve_dtype
 from .base import (
-    Encoded, Messages, PromptLike, RewardModel, ScoringItem, as_messages, prompt_key, tail,
+    Encoded,
+    Messages,
+    PromptLike,
+    RewardModel,
+    ScoringItem,
+    as_messages,
+    prompt_key,
+    tail,
 )
 
 # Fallback when neither --max-length nor the model gives a usable limit.

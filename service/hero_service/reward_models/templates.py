@@ -27,8 +27,9 @@ untouched by any of this."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Optional
 
 Message = dict[str, str]
 

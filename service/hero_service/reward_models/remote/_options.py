@@ -78,7 +78,7 @@ class RemoteOptions:
         if index < 0 or max_batch < 0:
             raise invalid("index and max_batch must be >= 0")
         return cls(
-            protocol=cast(Protocol, protocol),
+            protocol=protocol,
             endpoint=endpoint,
             models_url=_models_url(parts, path, last),
             shown_spec=shown,

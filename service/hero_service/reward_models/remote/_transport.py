@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
 from hero_client._retry import RETRY_STATUSES, retry_after_seconds
 
 from ...redaction import redact_url
