@@ -48,7 +48,8 @@ class Settings(BaseSettings):
         0, ge=0,
         description="padded tokens per forward batch; 0 = 4096 on CPU, 16384 on GPU/remote")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
-    max_queued_rollouts: int = Field(4096, ge=1, description="queue bound; beyond it: 429")
+    max_queued_rollouts: int = Field(
+        4096, ge=1, description="rollouts held at once (scored or parked); beyond it: 429")
 
     # Verifier pool.
     verifier_workers: int = Field(0, ge=0, description="worker processes; 0 = one per core")
