@@ -25,14 +25,22 @@ from ..redaction import redact_text
 log = logging.getLogger(__name__)
 
 
+def error_body(code: str, message: str, field: str | None = None,
+               errors: list[FieldProblem] | None = None) -> dict[str, Any]:
+    """The one JSON error shape, for the handlers and for the ASGI middlewares that answer
+    before the app (load shedding, body size, API key)."""
+    detail: dict[str, Any] = {"code": code, "message": message, "field": field}
+    if errors is not None:
+        detail["errors"] = errors
+    return {"error": detail}
+
+
 def error_response(
     status: int, code: str, message: str, field: str | None = None,
     headers: dict[str, str] | None = None, errors: list[FieldProblem] | None = None,
 ) -> JSONResponse:
-    detail: dict[str, Any] = {"code": code, "message": message, "field": field}
-    if errors is not None:
-        detail["errors"] = errors
-    return JSONResponse({"error": detail}, status_code=status, headers=headers)
+    return JSONResponse(error_body(code, message, field, errors), status_code=status,
+                        headers=headers)
 
 
 def _line_and_column(body: bytes, position: int) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from typing import Any
 from ..admission import Admission
 from ..metrics import Metrics
 from ..state import Service
+from .errors import error_body
 
 log = logging.getLogger("hero_service.access")
 
@@ -30,7 +31,7 @@ class _TooLarge(BaseException):
 
 def _json_error(status: int, code: str, message: str, field: str | None = "body",
                 extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> tuple[dict[str, Any], bytes]:
-    body = json.dumps({"error": {"code": code, "message": message, "field": field}}).encode()
+    body = json.dumps(error_body(code, message, field)).encode()
     start = {"type": "http.response.start", "status": status,
              "headers": [(b"content-type", b"application/json"),
                          (b"content-length", str(len(body)).encode()), *extra_headers]}

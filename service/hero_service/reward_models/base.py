@@ -81,6 +81,13 @@ def prompt_key(prompt: PromptLike) -> Hashable:
     return tuple((m["role"], m["content"]) for m in prompt)
 
 
+def render_plain(messages: Sequence[dict[str, str]], response: str) -> str:
+    """The text an RM without a chat template scores: the prompt's message contents joined by
+    newlines, a newline, then the response (hf's fallback; the remote backend's ``input=text``)."""
+    context = "\n".join(m["content"] for m in messages)
+    return f"{context}\n{response}" if context else response
+
+
 def as_messages(prompt: PromptLike) -> Messages:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}] if prompt else []

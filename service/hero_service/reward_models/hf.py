@@ -34,6 +34,7 @@ from .base import (
     ScoringItem,
     as_messages,
     prompt_key,
+    render_plain,
     tail,
 )
 
@@ -106,8 +107,7 @@ class HFRewardModel(RewardModel):
         if self.has_chat_template:
             conversation = [*prompt, {"role": "assistant", "content": response}]
             return _text(self.tokenizer.apply_chat_template(conversation, tokenize=False))
-        context = "\n".join(m["content"] for m in prompt)
-        return f"{context}\n{response}" if context else response
+        return render_plain(prompt, response)
 
     def _token_ids(self, text: str, add_special: bool | None = None) -> list[int]:
         # The chat template already wrote the special tokens (BOS etc.) as text.

@@ -17,6 +17,7 @@ from ..base import (
     ScoringItem,
     as_messages,
     prompt_key,
+    render_plain,
 )
 from ._codecs import Codec, VLLMCodec, codec_for
 from ._options import Protocol, RemoteOptions
@@ -32,9 +33,7 @@ def estimate_tokens(text: str) -> int:
     return len(text) // CHARS_PER_TOKEN + 1
 
 
-def render(messages: Sequence[dict[str, str]], response: str) -> str:
-    context = "\n".join(m["content"] for m in messages)
-    return f"{context}\n{response}" if context else response
+render = render_plain  # the text mode's rendering (documented in the package docstring)
 
 
 class RemoteRewardModel(RewardModel):
