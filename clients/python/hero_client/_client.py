@@ -113,7 +113,7 @@ def merge_responses(parts: Sequence[RewardsResponse], request_id: Optional[str])
 
 
 def _has_pieces(groups: Sequence[Group]) -> bool:
-    return any(g.group_key is not None for g in groups)
+    return any(g.is_piece for g in groups)
 
 
 def weighted_as_one_batch(merged: RewardsResponse, groups: Sequence[Group],
@@ -209,7 +209,7 @@ class _ClientBase:
             merged = weighted_as_one_batch(merged, sent, requests[0].params)
         if self.running_sigma is not None:
             self.running_sigma.update(
-                g.sigma for g, group in zip(merged.groups, sent) if group.group_key is None)
+                g.sigma for g, group in zip(merged.groups, sent) if not group.is_piece)
         return merged
 
     def _retry_delay(self, what: str, attempt: int, outcome: httpx.Response | Exception) -> float:

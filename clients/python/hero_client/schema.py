@@ -200,6 +200,11 @@ class Group(_Request):
     def _finite_scores(cls, v: list[float] | None) -> list[float] | None:
         return _check_scores(v, "rm_scores")
 
+    @property
+    def is_piece(self) -> bool:
+        """A piece of a larger group, assembled by the service with the other pieces."""
+        return self.group_key is not None
+
     @model_validator(mode="after")
     def _scores_match(self) -> Group:
         if self.rm_scores is not None and len(self.rm_scores) != len(self.responses):

@@ -25,7 +25,7 @@ from .openrlhf import (
 
 
 def has_pieces(request: RewardsRequest) -> bool:
-    return any(g.group_key is not None for g in request.groups)
+    return any(g.is_piece for g in request.groups)
 
 
 def piece_result(group: Group, g: int, outcomes: list[MemberOutcome]) -> GroupResult:
@@ -50,7 +50,7 @@ async def score_rewards_with_pieces(pipeline: Pipeline, store: GroupStore,
                                     should_stop: Optional[StopCheck] = None) -> RewardsResponse:
     started = time.perf_counter()
     verifier = pipeline.check(request)
-    pieces = [g for g, group in enumerate(request.groups) if group.group_key is not None]
+    pieces = [g for g, group in enumerate(request.groups) if group.is_piece]
     with pipeline.admit(request) as permit:
         if len(pieces) > 1:  # one piece: its join checks the bound atomically
             await check_room_to_wait(store,

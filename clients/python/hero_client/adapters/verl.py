@@ -172,28 +172,17 @@ def _rollout_n(n: Any) -> Optional[int]:
     return value
 
 
-def group_size_problem(info: InfoResponse, n: Optional[int], base: str) -> Optional[str]:
+def group_size_problem(info: InfoResponse, base: str) -> Optional[str]:
     """Why the service's ``/get_reward`` group assembly does not fit verl's per-sample reward
-    loop (None: fits); the path :func:`compute_score` takes without ``n``. ``n``: the rollout's
-    samples per prompt if known."""
-    want = f"--group-size {n}" if n is not None else \
-        "--group-size N (N = actor_rollout_ref.rollout.n)"
-    or_pieces = ", or pass reward_kwargs.n so the adapter sends pieces"
-    if n == 1:  # one sample per prompt: nothing to assemble, but nothing may wait for more
-        if info.group_size not in (None, 1):
-            return (f"the service at {base} waits for groups of {info.group_size}, but the rollout "
-                    f"samples 1 per prompt: every sample would wait for the group timeout; start "
-                    f"it without --group-size")
+    loop (None: fits): the path :func:`compute_score` takes without ``n``, so the rollout's
+    size is unknown and only a service that assembles no groups at all can be caught."""
+    if info.group_size:
         return None
-    if not info.group_size:
-        return (f"the service at {base} scores each /get_reward request alone (it was started "
-                f"without --group-size), but verl's reward loop sends one sample per call: each "
-                f"sample would be a group of one, its RM signal normalised away and sigma 0: "
-                f"start it with {want}{or_pieces}")
-    if n is not None and info.group_size != n:
-        return (f"the service at {base} assembles groups of {info.group_size}, but the rollout "
-                f"samples {n} per prompt (reward_kwargs.n): start it with --group-size {n}")
-    return None
+    return (f"the service at {base} scores each /get_reward request alone (it was started "
+            f"without --group-size), but verl's reward loop sends one sample per call: each "
+            f"sample would be a group of one, its RM signal normalised away and sigma 0: "
+            f"start it with --group-size N (N = actor_rollout_ref.rollout.n), or pass "
+            f"reward_kwargs.n so the adapter sends pieces")
 
 
 def pieces_problem(info: InfoResponse, base: str) -> Optional[str]:
@@ -211,7 +200,7 @@ def pieces_problem(info: InfoResponse, base: str) -> Optional[str]:
 def _service_problem(info: InfoResponse, n: Optional[int], base: str) -> Optional[str]:
     # With n the adapter sends pieces (the service's --group-size does not matter); without,
     # it relies on /get_reward's --group-size.
-    return pieces_problem(info, base) if n is not None else group_size_problem(info, None, base)
+    return pieces_problem(info, base) if n is not None else group_size_problem(info, base)
 
 
 def check_service(url: Optional[str] = None, n: Optional[int] = None, *,
