@@ -668,7 +668,7 @@ def test_dockerignore_keeps_the_context_small():
     patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     for path in (".venv/bin/python", ".git/HEAD", ".pytest_cache/v/x", ".hypothesis/x",
-                 "bench/results/run.json", "tests/test_hero.py", "deploy/README.md",
+                 "bench/results/run.json", "tests/client/test_hero.py", "deploy/README.md",
                  "service/hero_service/__pycache__/app.cpython-311.pyc",
                  "hero_rewards.egg-info/PKG-INFO", "Dockerfile"):
         assert _dockerignored(path, patterns), path

@@ -85,7 +85,8 @@ def test_oom_splits_and_a_failing_request_does_not_take_others_down(dev_rows, fi
 
 
 def _standin():
-    path = Path(__file__).resolve().parents[1] / "reward_models" / "standin_rm_server.py"
+    path = (Path(__file__).resolve().parents[1] / "service" / "reward_models"
+            / "standin_rm_server.py")
     spec = importlib.util.spec_from_file_location("standin_rm_server_rel", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]  # adapter_support, support (as pytest sees them)
+sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # adapter_support, support (as pytest sees them)
 
 from adapter_support import minilm_chat_tokenizer, tiny_causal_lm
 

@@ -26,7 +26,7 @@ Other knobs, also via ``/_control``: ``labels`` (TEI / classify head width, defa
 ``pooling_shape`` (``vector`` | ``scalar`` | ``tokens``), ``models_endpoint`` (false → 404),
 ``retry_after`` (seconds sent as ``Retry-After`` with error503; null → none).
 
-Run alone: ``python tests/reward_models/standin_rm_server.py --port 8001``. In tests:
+Run alone: ``python tests/service/reward_models/standin_rm_server.py --port 8001``. In tests:
 ``with StandinServer() as server: server.url``.
 """
 

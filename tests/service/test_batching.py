@@ -1,6 +1,6 @@
 """The cross-request batcher: token budget, sharing across requests, ordering, dedupe, OOM
 splitting (fault injection), and a backend that is down: no splitting, the circuit breaker. (Its
-queue has no bound of its own: requests hold admission permits, tests/test_admission.py.)"""
+queue has no bound of its own: requests hold admission permits, tests/service/test_admission.py.)"""
 
 from __future__ import annotations
 

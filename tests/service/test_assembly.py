@@ -1,5 +1,5 @@
 """Group assembly across requests through the group store: per-query /get_reward traffic against
-a real service scored as true HERO groups (the store's own protocol: tests/group_store/)."""
+a real service scored as true HERO groups (the store's own protocol: tests/service/group_store/)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The trainer adapters' shared pieces: per-process and per-event-loop caches, chat messages in
 the wire format. (The adapters themselves are tested against real services and trainers in
-tests/adapters.)"""
+tests/client/adapters/.)"""
 
 from __future__ import annotations
 
