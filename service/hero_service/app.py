@@ -12,6 +12,7 @@ from typing import Optional
 from fastapi import FastAPI
 
 from . import __version__
+from .assembly import Assembler
 from .batching import Batcher
 from .config import Settings
 from .http.auth import ApiKeyAuth
@@ -87,10 +88,11 @@ def create_app(
             metrics.sigma_ref.set(value or 0.0)
             metrics.sigma_ref_by_run.labels(run).set(value or 0.0)
 
-        get_reward = GetRewardScorer(pipeline, service.group_store, settings.group_size, on_sigma,
-                                     on_partial=metrics.partial_groups.inc)
+        assembler = Assembler(pipeline, service.group_store, on_sigma,
+                              on_partial=metrics.partial_groups.inc)
+        get_reward = GetRewardScorer(assembler, settings.group_size)
         store_task = asyncio.create_task(service.start_group_store(), name="group-store-start")
-        service.started(Runtime(pipeline, verifiers, get_reward))
+        service.started(Runtime(pipeline, verifiers, assembler, get_reward))
         log.info("ready: reward_model=%s on %s, verifier=%s, max_batch_tokens=%d",
                  model.model_id, model.device_type, settings.verifier, batcher.max_batch_tokens)
         try:

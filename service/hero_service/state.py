@@ -14,6 +14,7 @@ from fastapi import Request
 
 from . import __version__
 from .admission import Admission
+from .assembly import Assembler
 from .config import Settings
 from .errors import NotReady
 from .group_store import GroupStore, GroupStoreUnavailable, create_group_store
@@ -33,6 +34,7 @@ class Runtime:
 
     pipeline: Pipeline
     verifiers: Mapping[str, Verifier]
+    assembler: Assembler
     get_reward: GetRewardScorer
 
 

@@ -2,7 +2,7 @@
 in-process: memory.py; Redis with one Lua script: redis.py and lua/group.lua; from the
 settings: factory.py).
 
-How the endpoints use it (the wiring, a follow-up to this package):
+How the service uses it (``assembly.py`` for 2-4 and 7, the routes for 5):
 
 1. Start-up (app lifespan): ``store = create_group_store(settings, result_ttl_s=1200)`` and
    ``await store.start()``. ``GroupStoreUnavailable`` there carries one clear message (URL
@@ -17,7 +17,7 @@ How the endpoints use it (the wiring, a follow-up to this package):
    to the group's own sigma, as ``hero.default_sigma_ref`` does), returning a ``GroupResult``
    in the members' order -- the one-group body of ``Pipeline._combine``. Each
    ``MemberOutcome`` maps onto today's ``AssembledResult(group, index, sigma_ref, partial)``.
-   Member ids (wired in ``http/openrlhf.py``): digest(run, n, prompt, label, query) + ``#k``,
+   Member ids (wired in ``assembly.py``): digest(run, n, prompt, label, query) + ``#k``,
    k the first index whose attachment lease no live request holds, picked by the join itself
    (``join(..., attach=Attach(...))``, one atomic step); renewed while the request waits,
    released when it ends (kept for ``result_ttl_s`` once its

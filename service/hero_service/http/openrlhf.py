@@ -6,18 +6,16 @@ per request: ``{"query": [q], "prompts": [p], "labels": [l]}`` where ``q`` =
 
 - **Groups.** Queries sharing a (prompt, label) form one group; with a group size
   (``--group-size`` or ``?n=``) the queries of one group arrive in separate requests, possibly at
-  other replicas: each request is verified and RM-scored here, and its per-response results meet
-  the rest of the group in the group store (``group_store/``), which closes the group once and
-  gives every caller its own response's reward. OpenRLHF cannot send sigma_ref, so the run's
-  server-side running mean from the store is used (``?run=`` names the series, default
-  ``default``).
-- **Member ids.** digest(run, n, prompt, label, query) + ``#k``, k the first index whose
-  attachment lease no live request holds (the lease is renewed while the request waits and
-  dropped when it ends or its client disconnects; a request that finds an earlier id held by a
-  live lease waits one lease before it picks, so a dead replica's lease lapses first and its
-  caller's retry re-attaches). Two identical samples, which OpenRLHF sends
-  as two identical bodies, are two members; a re-sent body (the first attempt's client gone, or
-  its replica dead and the lease lapsed) re-attaches to its member. A member whose answer was
+  other replicas: each (prompt, label) of a request is a piece of its group, assembled in the
+  group store by ``assembly.py``, which gives every caller its own response's reward.
+  OpenRLHF cannot send sigma_ref, so the run's server-side running mean from the store is used
+  (``?run=`` names the series, default ``default``).
+- **Member ids.** Base id digest(run, n, prompt, label, query); the join makes it ``#k``, k the
+  first index whose attachment lease no live request holds (a request that finds an earlier id
+  held by a live lease waits one lease before it picks, so a dead replica's lease lapses first
+  and its caller's retry re-attaches). Two identical samples, which OpenRLHF sends as two
+  identical bodies, are two members; a re-sent body (the first attempt's client gone, or its
+  replica dead and the lease lapsed) re-attaches to its member. A member whose answer was
   delivered keeps its id taken for the result TTL, so the same (prompt, label, query) sampled
   again in a later step is a new member. Limitation: a request answered on the server whose
   reply was lost on the wire, then re-sent, counts as a new member (it opens the next group).
@@ -46,50 +44,22 @@ per request: ``{"query": [q], "prompts": [p], "labels": [l]}`` where ``q`` =
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from hero_client import hero
 from hero_client.schema import (
     GetRewardRequest,
     GetRewardResponse,
     Group,
     GroupResult,
-    HeroParams,
-    Mode,
     RewardsRequest,
 )
 
 from .. import special_tokens
-from ..errors import InputError, Overloaded, ServiceError
-from ..group_store import (
-    Attach,
-    ClosedGroup,
-    GroupKey,
-    GroupStore,
-    GroupStoreUnavailable,
-    Member,
-    MemberOutcome,
-    stable_digest,
-)
-from ..pipeline import LocalScores, Pipeline, combine_group, hero_params
+from ..assembly import DEFAULT_RUN, Assembler, Piece, StopCheck, outcome_sigma_ref
+from ..errors import InputError
+from ..group_store import GroupKey, stable_digest
 from ..reward_models import templates
-
-log = logging.getLogger(__name__)
-
-DEFAULT_RUN = "default"
-# Attachment leases: long enough to outlive a slow round trip, renewed well inside.
-ATTACH_LEASE_S = 3.0
-ATTACH_RENEW_S = 1.0
-# Ids per (prompt, label, query) and group size: identical samples in one group, plus those
-# answered within the result TTL (kept taken so they are never handed an old group's result).
-MEMBER_SLOTS = 8
-
-StopCheck = Callable[[], Awaitable[Optional[ServiceError]]]
 
 # The prompt as decoded inside a query is never much longer than the prompt sent with it (left
 # truncation and clean-up only shorten it; a tokenizer may add a leading space).
@@ -183,34 +153,6 @@ def build_response(results: list[QueryResult],
     return GetRewardResponse(rewards=rewards, scores=list(verified), extra_logs=extra_logs)
 
 
-def assembled_combine(params: HeroParams,
-                      mode: Mode = "hero") -> Callable[[ClosedGroup], GroupResult]:
-    """The closer's HERO for one whole group: sigma-bar from the store, or (before the run's
-    first group) the group's own sigma, as a request scored alone would get."""
-    p = hero_params(params)
-
-    def combine(closed: ClosedGroup) -> GroupResult:
-        scores = [m.rm_score for m in closed.members]
-        rm = None if any(x is None for x in scores) else [float(x) for x in scores]  # type: ignore[arg-type]
-        sigma_ref = params.sigma_ref if params.sigma_ref is not None else closed.sigma_ref
-        if sigma_ref is None:
-            sigma_ref = hero.group_sigma(rm)
-        return combine_group(mode, p, "0", [m.verifier_status for m in closed.members], rm,
-                             [m.truncated for m in closed.members], sigma_ref)
-
-    return combine
-
-
-async def check_room_to_wait(store: GroupStore, rollouts: int) -> None:
-    """The store's own bound on members waiting in open groups, across every replica sharing it
-    (it protects the store's memory; this replica's permit is the bound the HTTP layer asks).
-    Checked for the whole request before any join, which then skips it (``admitted=True``)."""
-    waiting = await store.waiting()
-    if waiting + rollouts > store.max_waiting:
-        raise Overloaded(f"{waiting} rollouts waiting for their groups "
-                         f"(limit {store.max_waiting}); retry later")
-
-
 def member_base_id(run: str, n: int, prompt: str, label: Optional[str], query: str) -> str:
     return stable_digest("get_reward", run, n, prompt, label, query)
 
@@ -218,15 +160,10 @@ def member_base_id(run: str, n: int, prompt: str, label: Optional[str], query: s
 class GetRewardScorer:
     """Scores /get_reward traffic: request by request, or assembled in the group store."""
 
-    def __init__(self, pipeline: Pipeline, store: GroupStore, group_size: int,
-                 on_sigma: Callable[[str, Optional[float]], None],
-                 on_partial: Callable[[], None] = lambda: None) -> None:
-        self.pipeline = pipeline
-        self.store = store
+    def __init__(self, assembler: Assembler, group_size: int) -> None:
+        self.assembler = assembler
+        self.pipeline = assembler.pipeline
         self.group_size = group_size
-        self._on_sigma = on_sigma
-        self._on_partial = on_partial
-        self.parked = 0  # requests of this replica waiting for their groups
 
     def check_labels(self, request: GetRewardRequest) -> None:
         """A reference is required per query where the verifier or the RM needs one."""
@@ -253,8 +190,7 @@ class GetRewardScorer:
                     should_stop: Optional[StopCheck] = None,
                     ) -> GetRewardResponse:
         """``n`` overrides ``--group-size`` (0: score each request whole); ``should_stop`` is
-        polled while the request waits for its group: an error it returns ends the wait (the
-        client disconnected, the replica is draining) and the members stay in the store."""
+        polled while the request waits for its group (see ``assembly.py``)."""
         if not request.query:
             return GetRewardResponse(rewards=[], scores=[], extra_logs={k: [] for k in LOG_KEYS})
         self.check_labels(request)
@@ -265,134 +201,25 @@ class GetRewardScorer:
         for fallback in split.fallbacks:
             if fallback is not None:
                 self.pipeline.metrics.prompt_mismatches.labels(fallback).inc()
-        groups = [Group(id=str(g), prompt=reward_model_prompt(q.prompt), reference=q.label,
-                        responses=q.responses) for g, q in enumerate(split.groups)]
+        groups = RewardsRequest(groups=[
+            Group(id=str(g), prompt=reward_model_prompt(q.prompt), reference=q.label,
+                  responses=q.responses) for g, q in enumerate(split.groups)])
         size = self.group_size if n is None else n
         results: list[Optional[QueryResult]] = [None] * len(request.query)
         if size <= 0:
-            await self._score_whole(groups, split, run, results)
+            scored = await self.assembler.score_whole(groups, run)
+            for q, group in zip(split.groups, scored.groups):
+                for index, position in enumerate(q.positions):
+                    results[position] = QueryResult(group, index, scored.sigma_ref, False)
         else:
-            await self._score_assembled(request, groups, split, run, size, results, should_stop)
+            pieces = [Piece(g, GroupKey.for_prompt(run, q.prompt, q.label, size),
+                            [member_base_id(run, size, q.prompt, q.label, request.query[p])
+                             for p in q.positions])
+                      for g, q in enumerate(split.groups)]
+            joined = await self.assembler.join(groups, pieces, run, should_stop, field="query")
+            for q, outcomes in zip(split.groups, joined.outcomes):
+                for position, outcome in zip(q.positions, outcomes):
+                    results[position] = QueryResult(outcome.group, outcome.index,
+                                                    outcome_sigma_ref(outcome), outcome.partial)
         assert all(r is not None for r in results)
         return build_response(results, split.fallbacks)  # type: ignore[arg-type]
-
-    async def _score_whole(self, groups: list[Group], split: SplitRequest, run: str,
-                           results: list[Optional[QueryResult]]) -> None:
-        # One sigma-bar series per run in the store, shared by every replica; singleton groups
-        # (sigma 0 by definition) do not move it.
-        sigma_ref = await self.store.sigma_value(run)
-        scored = await self.pipeline.score(RewardsRequest(groups=groups), sigma_ref)
-        moved = await self.store.update_sigma(
-            run, [g.sigma for g in scored.groups if len(g.rewards) > 1])
-        self._on_sigma(run, moved)
-        for q, group in zip(split.groups, scored.groups):
-            for index, position in enumerate(q.positions):
-                results[position] = QueryResult(group, index, scored.sigma_ref, False)
-
-    async def _score_assembled(self, request: GetRewardRequest, groups: list[Group],
-                               split: SplitRequest, run: str, size: int,
-                               results: list[Optional[QueryResult]],
-                               should_stop) -> None:
-        rewards_request = RewardsRequest(groups=groups)
-        # Validate here so one caller's bad query cannot fail the others in its group.
-        verifier = self.pipeline.check(rewards_request)
-        # Admitted whole or not at all, and the permit is held while the request waits for its
-        # groups (parked rollouts count against the bound).
-        several = len(split.groups) > 1  # one group: its join checks the bound atomically
-        with self.pipeline.admit(rewards_request, field="query") as permit:
-            if several:
-                await check_room_to_wait(self.store, len(request.query))
-            local = await self.pipeline.score_locally(rewards_request, verifier)
-            self.pipeline.metrics.rollouts_scored.labels("hero").inc(local.n_rollouts)
-            bases = [""] * len(request.query)
-            for q in split.groups:
-                for position in q.positions:
-                    bases[position] = member_base_id(run, size, q.prompt, q.label,
-                                                     request.query[position])
-            async with self.held_ids(size) as held:
-                joins = [self.store.join(GroupKey.for_prompt(run, q.prompt, q.label, size),
-                                         _members(local, g, q, bases),
-                                         assembled_combine(rewards_request.params),
-                                         admitted=several, attach=held.attach,
-                                         on_attached=held.add)
-                         for g, q in enumerate(split.groups)]
-                permit.park()
-                outcomes = await self.wait_for(asyncio.gather(*joins), held.ids, should_stop)
-        for q, group_outcomes in zip(split.groups, outcomes):
-            for position, outcome in zip(q.positions, group_outcomes):
-                results[position] = _query_result(outcome)
-            first = group_outcomes[0]
-            if first.published_here:
-                if first.partial:
-                    self._on_partial()
-                self._on_sigma(run, await self.store.sigma_value(run))
-
-    @contextlib.asynccontextmanager
-    async def held_ids(self, size: int) -> AsyncIterator[HeldIds]:
-        """The member ids a request's joins pick (``base#k``, see group_store.Attach), held by
-        attachment leases while it waits and let go when it ends: kept taken if its answer
-        went out (usually marked so already by the step that answered it), else freed for
-        its retry to re-attach."""
-        held = HeldIds(Attach(MEMBER_SLOTS * size, ATTACH_LEASE_S,
-                              ATTACH_LEASE_S + ATTACH_RENEW_S))
-        delivered = False
-        try:
-            yield held
-            delivered = True
-        finally:
-            if held.ids:
-                try:
-                    await self.store.release_attachments(held.ids, delivered=delivered)
-                except GroupStoreUnavailable:
-                    pass  # the leases lapse on their own
-
-    async def wait_for(self, joined, member_ids: list[str], should_stop) -> list:
-        """Wait for the joins, renewing the leases; end early if ``should_stop`` says so."""
-        task = asyncio.ensure_future(joined)
-        self.parked += 1
-        try:
-            renew_at = asyncio.get_running_loop().time() + ATTACH_RENEW_S
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=0.25)
-                if done:
-                    return task.result()
-                if should_stop is not None:
-                    stop = await should_stop()
-                    if stop is not None:
-                        task.cancel()
-                        raise stop
-                if asyncio.get_running_loop().time() >= renew_at:
-                    renew_at = asyncio.get_running_loop().time() + ATTACH_RENEW_S
-                    with contextlib.suppress(GroupStoreUnavailable):
-                        await self.store.renew_attachments(member_ids, ATTACH_LEASE_S)
-        finally:
-            self.parked -= 1
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-
-
-class HeldIds:
-    """The member ids this request's joins picked, in the order the joins reported them."""
-
-    def __init__(self, attach: Attach) -> None:
-        self.attach = attach
-        self.ids: list[str] = []
-
-    def add(self, ids: list[str]) -> None:
-        self.ids.extend(ids)
-
-
-def _members(local: LocalScores, g: int, q: QueryGroup, member_ids: list[str]) -> list[Member]:
-    """The group's members, ``member_ids`` by query position (base ids when joins attach)."""
-    rm = local.rm_results[g]
-    return [Member(member_ids[position], verdict.status,
-                   rm.scores[i] if rm is not None else None,
-                   rm.truncated[i] if rm is not None else False)
-            for i, (position, verdict) in enumerate(zip(q.positions, local.verdicts[g]))]
-
-
-def _query_result(outcome: MemberOutcome) -> QueryResult:
-    sigma_ref = outcome.sigma_ref if outcome.sigma_ref is not None else outcome.group.sigma
-    return QueryResult(outcome.group, outcome.index, sigma_ref, outcome.partial)

@@ -18,14 +18,13 @@ from hero_client.schema import (
     VerifierName,
 )
 
+from ..assembly import StopCheck
 from ..errors import InputError, NotReady, ServiceError
 from ..group_store.base import MAX_ID_CHARS
 from ..redaction import redact_text
 from ..state import Service, service_of
 from .auth import require_api_key
 from .errors import error_response
-from .openrlhf import StopCheck
-from .pieces import has_pieces, score_rewards_with_pieces
 
 router = APIRouter()
 
@@ -47,11 +46,10 @@ async def rewards(
     with ``group_key`` + ``group_size`` are pieces, assembled with the other pieces of their
     group (on any replica) before HERO is computed; each caller gets its own entries."""
     runtime = service.require_runtime()
-    if not has_pieces(body):
+    if not any(g.is_piece for g in body.groups):
         return await runtime.pipeline.score(body)
-    store = service.require_group_store()
-    return await score_rewards_with_pieces(runtime.pipeline, store, runtime.get_reward, body,
-                                           run, _stop_check(service, request))
+    service.require_group_store()
+    return await runtime.assembler.score_rewards(body, run, _stop_check(service, request))
 
 
 def _stop_check(service: Service, request: Request) -> StopCheck:
@@ -119,7 +117,7 @@ async def metrics(service: ServiceDep) -> Response:
         m.group_store_round_trips.labels(op).set(count)
     m.group_store_members.set(stats.members)
     if service.runtime is not None:
-        m.group_waiting_requests.set(service.runtime.get_reward.parked)
+        m.group_waiting_requests.set(service.runtime.assembler.parked)
     if service.group_store_started:
         try:
             m.group_waiting_members.set(await store.waiting())
