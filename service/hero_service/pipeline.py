@@ -22,9 +22,6 @@ from hero_client.schema import (
     Timings,
     VerifierStatus,
 )
-from hero_client.schema import (
-    HeroParams as RequestParams,
-)
 
 from . import special_tokens
 from .admission import Admission, Permit
@@ -40,7 +37,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class _RMResult:
+class RewardModelScores:
+    """One group's RM scores (from the batcher, or sent with the group)."""
+
     scores: list[float]
     truncated: list[bool]
     queue_ms: float
@@ -52,7 +51,7 @@ class LocalScores:
 
     verifier: Verifier
     verdicts: list[list[Verdict]]
-    rm_results: list[Optional[_RMResult]]
+    rm_results: list[Optional[RewardModelScores]]
     verify_ms: float
     rm_ms: float
     n_rollouts: int
@@ -67,10 +66,6 @@ class LocalScores:
         """The results of the groups at these positions (a sub-request of them)."""
         return replace(self, verdicts=[self.verdicts[g] for g in groups],
                        rm_results=[self.rm_results[g] for g in groups])
-
-
-def hero_params(p: RequestParams) -> hero.HeroParams:
-    return p.formula_params()
 
 
 def combine_group(mode: Mode, params: hero.HeroParams, group_id: str,
@@ -220,15 +215,16 @@ class Pipeline:
 
     async def _reward_model_scores(
         self, request: RewardsRequest
-    ) -> tuple[list[_RMResult | None], float]:
+    ) -> tuple[list[RewardModelScores | None], float]:
         """RM scores per group: the client's own, the model's, or None (verifier mode)."""
         started = time.perf_counter()
-        results: list[_RMResult | None] = [None] * len(request.groups)
+        results: list[RewardModelScores | None] = [None] * len(request.groups)
         items: list[ScoringItem] = []
         owners: list[int] = []
         for g, group in enumerate(request.groups):
             if group.rm_scores is not None:
-                results[g] = _RMResult(list(group.rm_scores), [False] * len(group.responses), 0.0)
+                results[g] = RewardModelScores(list(group.rm_scores),
+                                               [False] * len(group.responses), 0.0)
             elif request.mode != "verifier":
                 prompt = _prompt_value(group)
                 items.extend(ScoringItem(prompt, r, group.reference) for r in group.responses)
@@ -251,7 +247,7 @@ class Pipeline:
             for i, owner in enumerate(owners):
                 by_group.setdefault(owner, []).append(i)
             for g, idx in by_group.items():
-                results[g] = _RMResult(
+                results[g] = RewardModelScores(
                     scores=[scored[i].score for i in idx],
                     truncated=[encoded[i].truncated for i in idx],
                     queue_ms=max(scored[i].queue_ms for i in idx),
@@ -263,7 +259,7 @@ class Pipeline:
         """HERO over the request's whole groups, from their local scores."""
         verdicts, rm_results = local.verdicts, local.rm_results
         p = request.params
-        params = hero_params(p)
+        params = p.formula_params()
         sigmas = [hero.group_sigma(r.scores) if r else None for r in rm_results]
         sigma_ref = p.sigma_ref
         if sigma_ref is None:
