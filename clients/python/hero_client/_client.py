@@ -15,7 +15,8 @@ import asyncio
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional, TypeVar, Union
+from dataclasses import dataclass
+from typing import Any, Generic, Optional, TypedDict, TypeGuard, TypeVar, Union
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -143,15 +144,55 @@ def weighted_as_one_batch(merged: RewardsResponse, groups: Sequence[Group],
     return merged.model_copy(update={"groups": regrouped, "sigma_ref": batch_ref})
 
 
-def _run_query(run: Optional[str]) -> Optional[dict[str, str]]:
-    return None if run is None else {"run": run}
-
-
 def get_reward_body(query: Sequence[str], prompts: Optional[Sequence[str]],
                     labels: Optional[Sequence[Optional[str]]]) -> dict[str, Any]:
     """The ``/get_reward`` request body (OpenRLHF's remote-RM protocol) for these queries."""
     return {"query": list(query), "prompts": list(prompts) if prompts is not None else None,
             "labels": list(labels) if labels is not None else None}
+
+
+@dataclass(frozen=True)
+class _Call(Generic[_Model]):
+    """One endpoint call without its I/O: what to send and what model reads the answer. As in
+    httpx, building a request is shared and only sending differs between the two clients."""
+
+    method: str
+    path: str
+    answer: type[_Model]
+    json: Any = None
+    query: Optional[Mapping[str, str]] = None
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.path}"
+
+    def parse(self, response: httpx.Response) -> _Model:
+        return self.answer.model_validate_json(response.content)
+
+
+def _rewards_call(request: RewardsRequest, run: Optional[str]) -> _Call[RewardsResponse]:
+    return _Call("POST", "/v1/rewards", RewardsResponse,
+                 request.model_dump(mode="json", exclude_none=True),
+                 None if run is None else {"run": run})
+
+
+def _get_reward_call(query: Sequence[str], prompts: Optional[Sequence[str]],
+                     labels: Optional[Sequence[Optional[str]]]) -> _Call[GetRewardResponse]:
+    return _Call("POST", "/get_reward", GetRewardResponse, get_reward_body(query, prompts, labels))
+
+
+_INFO_CALL = _Call("GET", "/v1/info", InfoResponse)
+
+
+def _succeeded(outcome: httpx.Response | Exception) -> TypeGuard[httpx.Response]:
+    return isinstance(outcome, httpx.Response) and outcome.status_code < 400
+
+
+class _HTTPSettings(TypedDict):
+    """What the sync and the async ``httpx`` client are both built with."""
+
+    base_url: str
+    headers: dict[str, str]
+    timeout: httpx.Timeout
 
 
 class _ClientBase:
@@ -173,8 +214,10 @@ class _ClientBase:
         self.max_rollouts_per_request = max_rollouts_per_request
         self.max_concurrency = max(1, max_concurrency)
         self.running_sigma = running_sigma
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
+        self._http_settings = _HTTPSettings(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
 
     def _plan(
         self, groups: Iterable[GroupLike], mode: Mode, verifier: Optional[VerifierName],
@@ -212,27 +255,24 @@ class _ClientBase:
                 g.sigma for g, group in zip(merged.groups, sent) if not group.is_piece)
         return merged
 
-    def _retry_delay(self, what: str, attempt: int, outcome: httpx.Response | Exception) -> float:
+    def _retry_delay(self, call: _Call[Any], attempt: int,
+                     outcome: httpx.Response | Exception) -> float:
         """Seconds to wait before retrying ``outcome`` of attempt ``attempt``, or raise: the
         final error when retries are spent, or at once for errors not worth retrying."""
         last = attempt >= self.retry.max_attempts
         if isinstance(outcome, httpx.TimeoutException):
             if last:
-                raise HeroTimeoutError(f"{what}: no answer in time") from outcome
+                raise HeroTimeoutError(f"{call}: no answer in time") from outcome
             return self.retry.delay(attempt)
         if isinstance(outcome, httpx.TransportError):
             if last:
-                raise HeroConnectionError(f"{what}: {outcome}") from outcome
+                raise HeroConnectionError(f"{call}: {outcome}") from outcome
             return self.retry.delay(attempt)
         if isinstance(outcome, Exception):
             raise outcome
         if outcome.status_code in RETRY_STATUSES and not last:
             return self.retry.delay(attempt, retry_after_seconds(outcome))
         raise api_error(outcome)
-
-    @staticmethod
-    def _succeeded(outcome: httpx.Response | Exception) -> bool:
-        return isinstance(outcome, httpx.Response) and outcome.status_code < 400
 
 
 class HeroClient(_ClientBase):
@@ -241,8 +281,7 @@ class HeroClient(_ClientBase):
     def __init__(self, base_url: str = DEFAULT_URL, *,
                  transport: Optional[httpx.BaseTransport] = None, **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)
-        self._http = httpx.Client(base_url=self.base_url, headers=self._headers,
-                                  timeout=self._timeout, transport=transport)
+        self._http = httpx.Client(transport=transport, **self._http_settings)
 
     def __enter__(self) -> HeroClient:
         return self
@@ -253,23 +292,21 @@ class HeroClient(_ClientBase):
     def close(self) -> None:
         self._http.close()
 
-    def _send(self, method: str, path: str, json: Any = None,
-              query: Optional[Mapping[str, str]] = None) -> httpx.Response:
+    def _send(self, call: _Call[_Model]) -> _Model:
         for attempt in range(1, self.retry.max_attempts + 1):
             outcome: httpx.Response | Exception
             try:
-                outcome = self._http.request(method, path, json=json, params=query)
+                outcome = self._http.request(call.method, call.path, json=call.json,
+                                             params=call.query)
             except httpx.TransportError as exc:
                 outcome = exc
-            if self._succeeded(outcome):
-                return outcome  # type: ignore[return-value]
-            time.sleep(self._retry_delay(f"{method} {path}", attempt, outcome))
+            if _succeeded(outcome):
+                return call.parse(outcome)
+            time.sleep(self._retry_delay(call, attempt, outcome))
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _post_rewards(self, request: RewardsRequest, run: Optional[str] = None) -> RewardsResponse:
-        body = request.model_dump(mode="json", exclude_none=True)
-        response = self._send("POST", "/v1/rewards", body, _run_query(run))
-        return RewardsResponse.model_validate_json(response.content)
+        return self._send(_rewards_call(request, run))
 
     def score(
         self,
@@ -296,12 +333,10 @@ class HeroClient(_ClientBase):
 
     def get_reward(self, query: Sequence[str], prompts: Optional[Sequence[str]] = None,
                    labels: Optional[Sequence[Optional[str]]] = None) -> GetRewardResponse:
-        body = get_reward_body(query, prompts, labels)
-        response = self._send("POST", "/get_reward", body)
-        return GetRewardResponse.model_validate_json(response.content)
+        return self._send(_get_reward_call(query, prompts, labels))
 
     def info(self) -> InfoResponse:
-        return InfoResponse.model_validate_json(self._send("GET", "/v1/info").content)
+        return self._send(_INFO_CALL)
 
     def ready(self) -> bool:
         try:
@@ -316,8 +351,7 @@ class AsyncHeroClient(_ClientBase):
     def __init__(self, base_url: str = DEFAULT_URL, *,
                  transport: Optional[httpx.AsyncBaseTransport] = None, **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers,
-                                       timeout=self._timeout, transport=transport)
+        self._http = httpx.AsyncClient(transport=transport, **self._http_settings)
 
     async def __aenter__(self) -> AsyncHeroClient:
         return self
@@ -328,25 +362,23 @@ class AsyncHeroClient(_ClientBase):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _send(self, method: str, path: str, json: Any = None,
-                    query: Optional[Mapping[str, str]] = None) -> httpx.Response:
+    async def _send(self, call: _Call[_Model]) -> _Model:
         for attempt in range(1, self.retry.max_attempts + 1):
             outcome: httpx.Response | Exception
             try:
-                outcome = await self._http.request(method, path, json=json, params=query)
+                outcome = await self._http.request(call.method, call.path, json=call.json,
+                                                   params=call.query)
             except httpx.TransportError as exc:
                 outcome = exc
-            if self._succeeded(outcome):
-                return outcome  # type: ignore[return-value]
-            await asyncio.sleep(self._retry_delay(f"{method} {path}", attempt, outcome))
+            if _succeeded(outcome):
+                return call.parse(outcome)
+            await asyncio.sleep(self._retry_delay(call, attempt, outcome))
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _post_rewards(self, request: RewardsRequest, limit: asyncio.Semaphore,
                             run: Optional[str] = None) -> RewardsResponse:
-        body = request.model_dump(mode="json", exclude_none=True)
         async with limit:
-            response = await self._send("POST", "/v1/rewards", body, _run_query(run))
-        return RewardsResponse.model_validate_json(response.content)
+            return await self._send(_rewards_call(request, run))
 
     async def score(
         self,
@@ -367,9 +399,7 @@ class AsyncHeroClient(_ClientBase):
 
     async def get_reward(self, query: Sequence[str], prompts: Optional[Sequence[str]] = None,
                          labels: Optional[Sequence[Optional[str]]] = None) -> GetRewardResponse:
-        body = get_reward_body(query, prompts, labels)
-        response = await self._send("POST", "/get_reward", body)
-        return GetRewardResponse.model_validate_json(response.content)
+        return await self._send(_get_reward_call(query, prompts, labels))
 
     async def info(self) -> InfoResponse:
-        return InfoResponse.model_validate_json((await self._send("GET", "/v1/info")).content)
+        return await self._send(_INFO_CALL)
