@@ -28,3 +28,11 @@ def server() -> Iterator[ServerProcess]:
 @pytest.fixture(scope="session")
 def auth() -> dict[str, str]:
     return {"Authorization": "Bearer test-key"}
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """The in-process tests (``pytest.mark.anyio``) run on asyncio, the service's own loop.
+    Session scope, so a module-scoped async fixture (one started app for a module's tests) may
+    depend on it."""
+    return "asyncio"

@@ -10,11 +10,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import httpx
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from hero_service.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 DEV_DATA = Path(os.environ.get(
@@ -164,3 +169,20 @@ class ThreadedServer:
         self.server.should_exit = True
         if self.thread is not None:
             self.thread.join(30)
+
+
+@contextlib.asynccontextmanager
+async def started_app(settings: Settings) -> AsyncIterator[FastAPI]:
+    """``create_app(settings)`` with its lifespan run (the reward model loaded, the verifier pool
+    up), for tests that call it in-process: httpx.ASGITransport runs no lifespan itself."""
+    from hero_service.app import create_app
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+def asgi_client(app: FastAPI) -> httpx.AsyncClient:
+    """A client that calls ``app`` in this process, through every middleware, with no socket."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                             base_url="http://hero.test", timeout=120)
