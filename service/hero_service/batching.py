@@ -7,7 +7,8 @@ requests still tokenizing; an idle model starts at once), sorts what it took by 
 padding), packs it into batches whose cost stays within ``max_batch_tokens`` (padded size, or the
 sum of tokens for a backend that does not pad) and whose size within the backend's own batch
 limit, runs them, and resolves each item's future on the event loop. Identical inputs in flight
-are scored once.
+are scored once. For a backend that shares prefixes (a group's prompt encoded once), the items of
+one prefix are packed next to each other and the prefix counts once, as it is computed.
 
 Failure semantics:
 
@@ -40,7 +41,7 @@ from .breaker import DEFAULT_COOLDOWN_S, DEFAULT_FAILURE_THRESHOLD, STATE_VALUES
 from .metrics import Metrics
 from .reward_models import Encoded, RewardModel, RewardModelError
 from .reward_models._torch_utils import is_out_of_memory, release_cached_memory
-from .reward_models.base import RewardModelUnavailable
+from .reward_models.base import RewardModelUnavailable, SharedPrefix
 
 log = logging.getLogger(__name__)
 
@@ -65,40 +66,111 @@ class _Pending:
     enqueued_at: float
 
 
-def batch_cost(n_tokens: Sequence[int], padded: bool) -> int:
-    """Tokens a batch costs the backend: padded to its longest item, or their sum."""
-    if not n_tokens:
-        return 0
-    return max(n_tokens) * len(n_tokens) if padded else sum(n_tokens)
+class _Tally:
+    """What a batch costs the backend, grown one item at a time: each distinct shared prefix
+    once (when the backend shares prefixes) plus every item's own tokens; for a padding backend
+    each of the two parts is a rectangle (padded to its longest), as its forward pads them."""
+
+    def __init__(self, padded: bool, shares_prefixes: bool) -> None:
+        self.padded = padded
+        self.shares_prefixes = shares_prefixes
+        self.items = 0
+        self.own_longest = self.own_sum = 0
+        self.prefixes: set[Hashable] = set()
+        self.prefix_longest = self.prefix_sum = 0
+
+    def _parts(self, item: Encoded) -> tuple[SharedPrefix | None, int]:
+        """The item's prefix that is computed once per batch, if any, and its own tokens."""
+        prefix = item.shared_prefix if self.shares_prefixes else None
+        return prefix, item.n_tokens - (prefix.n_tokens if prefix else 0)
+
+    def _cost(self, items: int, own_longest: int, own_sum: int, prefixes: int,
+              prefix_longest: int, prefix_sum: int) -> int:
+        if self.padded:
+            return prefixes * prefix_longest + items * own_longest
+        return prefix_sum + own_sum
+
+    @property
+    def cost(self) -> int:
+        return self._cost(self.items, self.own_longest, self.own_sum, len(self.prefixes),
+                          self.prefix_longest, self.prefix_sum)
+
+    def cost_with(self, item: Encoded) -> int:
+        """The cost once ``item`` joins."""
+        prefix, own = self._parts(item)
+        new_prefix = prefix is not None and prefix.key not in self.prefixes
+        return self._cost(
+            self.items + 1, max(self.own_longest, own), self.own_sum + own,
+            len(self.prefixes) + new_prefix,
+            max(self.prefix_longest, prefix.n_tokens if new_prefix and prefix else 0),
+            self.prefix_sum + (prefix.n_tokens if new_prefix and prefix else 0))
+
+    def add(self, item: Encoded) -> None:
+        prefix, own = self._parts(item)
+        self.items += 1
+        self.own_longest = max(self.own_longest, own)
+        self.own_sum += own
+        if prefix is not None and prefix.key not in self.prefixes:
+            self.prefixes.add(prefix.key)
+            self.prefix_longest = max(self.prefix_longest, prefix.n_tokens)
+            self.prefix_sum += prefix.n_tokens
 
 
-def pack_indices(n_tokens: Sequence[int], max_batch_tokens: int, *, padded: bool = True,
-                 max_batch_size: int = 0) -> list[list[int]]:
-    """Positions of length-sorted items cut into batches whose cost fits the budget and whose
-    size is at most ``max_batch_size`` (0: any). An item longer than the budget goes alone."""
-    order = sorted(range(len(n_tokens)), key=lambda i: n_tokens[i])
+def batch_cost(items: Sequence[Encoded], *, padded: bool, shares_prefixes: bool = False) -> int:
+    """Tokens a batch costs the backend: what it really computes (:class:`_Tally`)."""
+    tally = _Tally(padded, shares_prefixes)
+    for item in items:
+        tally.add(item)
+    return tally.cost
+
+
+def packing_order(items: Sequence[Encoded], *, shares_prefixes: bool = False) -> list[int]:
+    """Positions of ``items`` in packing order: by length; for a backend that shares prefixes,
+    the items of one prefix next to each other (by their own length) so they land in one
+    forward, prefixes ordered by their longest item."""
+    if not shares_prefixes:
+        return sorted(range(len(items)), key=lambda i: items[i].n_tokens)
+
+    def own(i: int) -> int:
+        prefix = items[i].shared_prefix
+        return items[i].n_tokens - (prefix.n_tokens if prefix else 0)
+
+    groups: dict[Hashable, list[int]] = {}
+    for i, item in enumerate(items):
+        prefix = item.shared_prefix
+        groups.setdefault(("prefix", prefix.key) if prefix else ("alone", i), []).append(i)
+    members = [sorted(group, key=own) for group in groups.values()]
+    members.sort(key=lambda group: own(group[-1]))
+    return [i for group in members for i in group]
+
+
+def pack_indices(items: Sequence[Encoded], max_batch_tokens: int, *, padded: bool = True,
+                 max_batch_size: int = 0, shares_prefixes: bool = False) -> list[list[int]]:
+    """Positions of ``items``, in :func:`packing_order`, cut into batches whose cost
+    (:func:`batch_cost`) fits the budget and whose size is at most ``max_batch_size`` (0: any).
+    An item that alone costs more than the budget goes alone."""
     batches: list[list[int]] = []
     current: list[int] = []
-    cost = 0  # of ``current``
-    for i in order:
-        # Sorted ascending, so this item is the longest of the batch it joins.
-        grown = n_tokens[i] * (len(current) + 1) if padded else cost + n_tokens[i]
-        if current and (grown > max_batch_tokens or len(current) == max_batch_size):
+    tally = _Tally(padded, shares_prefixes)
+    for i in packing_order(items, shares_prefixes=shares_prefixes):
+        if current and (tally.cost_with(items[i]) > max_batch_tokens
+                        or len(current) == max_batch_size):
             batches.append(current)
-            current, grown = [], n_tokens[i]
+            current, tally = [], _Tally(padded, shares_prefixes)
         current.append(i)
-        cost = grown
+        tally.add(items[i])
     if current:
         batches.append(current)
     return batches
 
 
 def pack_batches(items: Sequence[Encoded], max_batch_tokens: int, *, padded: bool = True,
-                 max_batch_size: int = 0) -> list[list[Encoded]]:
+                 max_batch_size: int = 0, shares_prefixes: bool = False) -> list[list[Encoded]]:
     """The batcher's packing rule (:func:`pack_indices`) over encoded items."""
     return [[items[i] for i in batch]
-            for batch in pack_indices([e.n_tokens for e in items], max_batch_tokens,
-                                      padded=padded, max_batch_size=max_batch_size)]
+            for batch in pack_indices(items, max_batch_tokens, padded=padded,
+                                      max_batch_size=max_batch_size,
+                                      shares_prefixes=shares_prefixes)]
 
 
 class Batcher:
@@ -231,12 +303,13 @@ class Batcher:
                     break
                 self._cond.wait(remaining)
             taken: list[_Pending] = []
-            tokens = 0
+            # The round's work as the forward computes it (a shared prefix once).
+            work = _Tally(padded=False, shares_prefixes=self.model.shares_prefixes)
             limit = self.max_batch_tokens * ROUND_BUDGETS
-            while self._queue and (not taken or tokens + self._queue[0].encoded.n_tokens <= limit):
+            while self._queue and (not taken or work.cost_with(self._queue[0].encoded) <= limit):
                 item = self._queue.popleft()
                 taken.append(item)
-                tokens += item.encoded.n_tokens
+                work.add(item.encoded)
             return taken
 
     def _queued_tokens(self) -> int:
@@ -247,9 +320,10 @@ class Batcher:
             taken = self._take_round()
             if taken is None:
                 return
-            for batch in pack_indices([p.encoded.n_tokens for p in taken],
-                                      self.max_batch_tokens, padded=self.model.padded,
-                                      max_batch_size=self.model.max_batch_size):
+            for batch in pack_indices([p.encoded for p in taken], self.max_batch_tokens,
+                                      padded=self.model.padded,
+                                      max_batch_size=self.model.max_batch_size,
+                                      shares_prefixes=self.model.shares_prefixes):
                 self._run_batch([taken[i] for i in batch])
             with self._cond:
                 self._outstanding -= len(taken)
@@ -310,14 +384,17 @@ class Batcher:
             f"{self.breaker.last_cause or 'unknown'}); retry in {retry_after_s}s", retry_after_s)
 
     def _forward(self, batch: list[_Pending]) -> list[float]:
-        lengths = [p.encoded.n_tokens for p in batch]
-        cost = batch_cost(lengths, self.model.padded)
+        items = [p.encoded for p in batch]
+        cost = batch_cost(items, padded=self.model.padded,
+                          shares_prefixes=self.model.shares_prefixes)
+        # The tokens the forward really runs (shared prefixes once), not counting its padding.
+        computed = batch_cost(items, padded=False, shares_prefixes=self.model.shares_prefixes)
         started = time.perf_counter()
-        scores = self.model.forward([p.encoded for p in batch])
+        scores = self.model.forward(items)
         self.metrics.forward_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_tokens.observe(cost)
-        self.metrics.padding_ratio.observe(1.0 - sum(lengths) / cost if cost else 0.0)
+        self.metrics.padding_ratio.observe(1.0 - computed / cost if cost else 0.0)
         if len(scores) != len(batch):
             raise RewardModelError(f"backend returned {len(scores)} scores for {len(batch)} inputs")
         if not all(math.isfinite(s) for s in scores):

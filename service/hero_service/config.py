@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     )
     max_length: int = Field(0, ge=0, description="RM token limit per rollout; 0 = the model's own")
     trust_remote_code: bool = Field(False, description="let a hf model directory run its own code")
+    share_prompts: bool = Field(
+        True, description="hf causal RMs: encode a group's prompt once for all its responses "
+        "(where exact; off for encoders)")
     remote_timeout_s: float = Field(30.0, gt=0, description="timeout of one remote RM call")
 
     # Dynamic batching.

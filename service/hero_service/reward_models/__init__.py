@@ -15,8 +15,10 @@ def load_reward_model(
     max_length: int = 0,
     trust_remote_code: bool = False,
     remote_timeout_s: float = 30.0,
+    share_prompts: bool = True,
 ) -> RewardModel:
-    """Build the backend named by ``spec``: ``embedded``, ``hf:PATH`` or ``remote:URL``."""
+    """Build the backend named by ``spec``: ``embedded``, ``hf:PATH`` or ``remote:URL``.
+    ``share_prompts``: let the hf backend encode a group's shared prompt once (where exact)."""
     if spec == "embedded":
         from .embedded import EmbeddedRewardModel
 
@@ -26,7 +28,7 @@ def load_reward_model(
 
         return HFRewardModel(
             spec[3:], device=device, dtype=dtype, max_length=max_length,
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code, share_prompts=share_prompts,
         )
     if spec.startswith("remote:"):
         from .remote import RemoteRewardModel

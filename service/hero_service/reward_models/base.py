@@ -23,14 +23,26 @@ class ScoringItem:
     reference: str | None = None
 
 
+@dataclass(frozen=True)
+class SharedPrefix:
+    """The first ``n_tokens`` of an item's ``n_tokens`` that every item with the same ``key`` has
+    too (a group's rendered prompt): a backend that :attr:`RewardModel.shares_prefixes` computes
+    them once per batch. ``key`` must identify the tokens themselves, so equal keys are exact."""
+
+    key: Hashable
+    n_tokens: int
+
+
 @dataclass
 class Encoded:
-    """A tokenized item. ``key`` identifies identical inputs so they are scored once."""
+    """A tokenized item. ``key`` identifies identical inputs so they are scored once;
+    ``shared_prefix`` (None: nothing shared) is the part of it other items may share."""
 
     key: Hashable
     n_tokens: int
     truncated: bool
     payload: Any = field(repr=False)
+    shared_prefix: SharedPrefix | None = None
 
 
 class RewardModelError(RuntimeError):
@@ -62,6 +74,9 @@ class RewardModel(abc.ABC):
     padded: bool = True
     # The most items one forward may take (0: no limit); the batcher never sends more.
     max_batch_size: int = 0
+    # forward computes each distinct ``Encoded.shared_prefix`` of a batch once (prefix sharing):
+    # the batcher then keeps the items of one prefix in one batch and counts the prefix once.
+    shares_prefixes: bool = False
 
     @abc.abstractmethod
     def encode(self, items: Sequence[ScoringItem]) -> list[Encoded]:
