@@ -8,9 +8,19 @@ from __future__ import annotations
 
 
 class ServiceError(Exception):
+    """A failure with its HTTP status and JSON error code. A subclass names both in its class
+    line (``class NotReady(ServiceError, status=503, code="not_ready")``) or inherits them."""
+
     status = 500
     code = "internal_error"
     retry_after_s: int | None = None  # sent as Retry-After when set
+
+    def __init_subclass__(cls, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init_subclass__()
+        if status is not None:
+            cls.status = status
+        if code is not None:
+            cls.code = code
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
@@ -27,46 +37,30 @@ class RetryLater(ServiceError):
         self.retry_after_s = retry_after_s
 
 
-class InputError(ServiceError):
+class InputError(ServiceError, status=422, code="invalid_request"):
     """The request is well-formed JSON but cannot be scored as asked (names the field)."""
 
-    status = 422
-    code = "invalid_request"
 
-
-class Overloaded(RetryLater):
+class Overloaded(RetryLater, status=429, code="overloaded"):
     """The bounded queue is full; the caller should retry after ``retry_after_s``."""
 
-    status = 429
-    code = "overloaded"
+
+class NotReady(ServiceError, status=503, code="not_ready"):
+    """The service is starting or draining: another replica, or this one later, can serve."""
 
 
-class NotReady(ServiceError):
-    status = 503
-    code = "not_ready"
-
-
-class ScoringFailed(ServiceError):
+class ScoringFailed(ServiceError, status=503, code="scoring_failed"):
     """The reward model failed on this request's inputs (the service itself keeps serving)."""
 
-    status = 503
-    code = "scoring_failed"
 
-
-class ScoringUnavailable(RetryLater):
+class ScoringUnavailable(RetryLater, status=503, code="reward_model_unavailable"):
     """The reward model is down as a whole (timeout, unreachable, 5xx) or its circuit breaker is
     open: nothing about this request is wrong, so it should come back after ``retry_after_s``."""
 
-    status = 503
-    code = "reward_model_unavailable"
 
-
-class TooManyRollouts(ServiceError):
+class TooManyRollouts(ServiceError, status=413, code="too_many_rollouts"):
     """One request (or one assembled piece) holds more rollouts than the server's bound: no
     retry can pass, unlike the 429 of a queue that is merely full. The client must split it."""
-
-    status = 413
-    code = "too_many_rollouts"
 
     def __init__(self, rollouts: int, limit: int, bound: str, field: str = "groups") -> None:
         super().__init__(
@@ -76,6 +70,5 @@ class TooManyRollouts(ServiceError):
         self.limit = limit
 
 
-class Unauthorized(ServiceError):
-    status = 401
-    code = "unauthorized"
+class Unauthorized(ServiceError, status=401, code="unauthorized"):
+    """A scoring request without the service's API key, or with a wrong one."""
