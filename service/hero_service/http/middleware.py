@@ -38,10 +38,38 @@ def _json_error(status: int, code: str, message: str, field: str | None = "body"
     return start, body
 
 
+async def send_json_error(send: Send, status: int, code: str, message: str,
+                          field: str | None = "body",
+                          extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    """Answer with the one JSON error body from a middleware, without calling the app."""
+    start, body = _json_error(status, code, message, field, extra_headers)
+    await send(start)
+    await send({"type": "http.response.body", "body": body})
+
+
+class _ScopeMiddleware:
+    """A pure ASGI middleware that acts on one type of scope (``handles``) and hands every other
+    one to the app untouched, so lifespan events never meet request logic and vice versa."""
+
+    handles = "http"
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == self.handles:
+            await self.handle(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
 SCORING_PATHS = ("/v1/rewards", "/get_reward")
 
 
-class LoadShedding:
+class LoadShedding(_ScopeMiddleware):
     """Answer 429 *before* reading and parsing the body while the service is already full.
 
     Under a retry storm most requests are refused; refusing them after JSON parsing and
@@ -50,36 +78,29 @@ class LoadShedding:
     parsing, when its size is known) stays the precise check."""
 
     def __init__(self, app: ASGIApp, admission: Admission, metrics: Metrics) -> None:
-        self.app = app
+        super().__init__(app)
         self.admission = admission
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] == "http" and scope["path"] in SCORING_PATHS
-                and self.admission.full):
-            self.metrics.rejected.labels("overloaded").inc()
-            error = self.admission.overloaded()
-            start, body = _json_error(
-                error.status, error.code, error.message, None,
-                [(b"retry-after", str(error.retry_after_s).encode())])
-            await send(start)
-            await send({"type": "http.response.body", "body": body})
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] not in SCORING_PATHS or not self.admission.full:
+            await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        self.metrics.rejected.labels("overloaded").inc()
+        error = self.admission.overloaded()
+        await send_json_error(send, error.status, error.code, error.message, None,
+                              [(b"retry-after", str(error.retry_after_s).encode())])
 
 
-class BodySizeLimit:
+class BodySizeLimit(_ScopeMiddleware):
     """413 for bodies over ``max_bytes``, checked on Content-Length and while streaming (chunked
     uploads have no Content-Length)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 await self._reject(send)
@@ -109,28 +130,23 @@ class BodySizeLimit:
                 await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
-        start, body = _json_error(
-            413, "payload_too_large", f"request body exceeds {self.max_bytes} bytes")
-        await send(start)
-        await send({"type": "http.response.body", "body": body})
+        await send_json_error(send, 413, "payload_too_large",
+                              f"request body exceeds {self.max_bytes} bytes")
 
 
 UNTRACKED_PATHS = ("/healthz", "/readyz", "/metrics")
 
 
-class RequestMetrics:
+class RequestMetrics(_ScopeMiddleware):
     """Counts and times every request by route, logs one line per scoring request, and keeps
     ``service.active_requests`` (what a graceful drain waits for)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, service: Service) -> None:
-        self.app = app
+        super().__init__(app)
         self.metrics = metrics
         self.service = service
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         status = 500
         request_id = uuid.uuid4().hex[:12]
@@ -165,19 +181,14 @@ class RequestMetrics:
                          scope["path"], status, elapsed * 1000)
 
 
-class QuietStartupFailure:
+class QuietStartupFailure(_ScopeMiddleware):
     """uvicorn logs the lifespan's start-up failure message verbatim, and Starlette puts a full
     traceback there. The lifespan records the cause (``service.startup_error``) and the CLI prints
     it as one line, so the traceback is dropped (``--log-level debug`` logs it)."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    handles = "lifespan"
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "lifespan":
-            await self.app(scope, receive, send)
-            return
-
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def quiet_send(message: Message) -> None:
             if message["type"] == "lifespan.startup.failed":
                 logging.getLogger("hero_service").debug(
