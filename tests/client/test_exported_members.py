@@ -37,7 +37,7 @@ EXPORTED = [
 ]
 # Modules without a leading underscore are importable API (hero_client.schema.Group, the
 # adapters); the rest (_client, _retry, ...) are internal.
-PUBLIC_MODULES = {"adapters", "cli", "hero", "schema", "vocabulary"}
+PUBLIC_MODULES = {"adapters", "cli", "diagnostics", "hero", "schema", "vocabulary"}
 PACKAGE_DIR = Path(hero_client.__file__).parent
 
 

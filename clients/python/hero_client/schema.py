@@ -26,6 +26,7 @@ from . import hero
 from .vocabulary import (
     AdvantageKind,
     ChatRole,
+    DisagreementKind,
     Mode,
     TiePolicy,
     VerifierName,
@@ -241,6 +242,11 @@ class GroupResult(_Response):
     truncated: list[bool]
     partial: bool = Field(
         False, description="group assembly timed out before the group was complete")
+    disagreement: Optional[list[Optional[DisagreementKind]]] = Field(
+        None, description="one per response: null, or where the verifier and the RM disagree "
+        "(likely_false_negative: rejected, but scored like the verified answers; "
+        "likely_false_positive: verified, but scored like the rejected ones); null as a whole "
+        "without RM scores (see hero_client.diagnostics)")
 
 
 class Timings(_Response):

@@ -12,3 +12,5 @@ AdvantageKind = Literal["grpo", "dr_grpo", "rloo", "none"]
 TiePolicy = Literal["bottom", "middle"]
 WeightGap = Literal["absolute", "relative"]
 ChatRole = Literal["system", "user", "assistant"]
+# Where the verifier and the RM disagree about one response (hero_client.diagnostics).
+DisagreementKind = Literal["likely_false_negative", "likely_false_positive"]
