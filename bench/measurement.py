@@ -1,8 +1,10 @@
-"""One measurement of one system at one concurrency, and its JSON."""
+"""One measurement of one system at one concurrency, and its JSON; the tally every load run
+keeps (also the group-store benchmark's rounds)."""
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -13,18 +15,37 @@ SUMMED_SERVER_FIGURES = {"server_cpu_s", "client_cpu_s", "forward_batches",
                          "deduplicated_rollouts"}
 
 
+def latency_figures(latencies: Iterable[float]) -> dict[str, Optional[float]]:
+    """The latency percentiles every benchmark reports, under the names its JSON uses."""
+    ordered = sorted(latencies)
+    return {"latency_p50_s": rounded(percentile(ordered, 50)),
+            "latency_p99_s": rounded(percentile(ordered, 99))}
+
+
+# Keyword-only: a record built on it can then add fields without defaults (its own identity).
+@dataclass(kw_only=True)
+class Tally:
+    """What a load run counts: rollouts answered, the wall time they took, failed requests and
+    each request's latency."""
+
+    rollouts: int = 0
+    elapsed_s: float = 0.0
+    errors: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.rollouts / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
 @dataclass
-class Measurement:
+class Measurement(Tally):
     key: str          # unique per measured configuration, e.g. "hero_b_c16"
     system: str
     pattern: str
     concurrency: int
-    rollouts: int = 0
     requests: int = 0
-    elapsed_s: float = 0.0
     correct: int = 0
-    errors: int = 0
-    latencies: list[float] = field(default_factory=list)
     t_start: float = 0.0
     t_end: float = 0.0
     server: dict[str, float] = field(default_factory=dict)
@@ -34,12 +55,7 @@ class Measurement:
     workload: str = "1x"
     runs: list[dict[str, Any]] = field(default_factory=list)  # when measured more than once
 
-    @property
-    def rate(self) -> float:
-        return self.rollouts / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
     def as_json(self) -> dict[str, Any]:
-        latencies = sorted(self.latencies)
         return {
             "system": self.system, "pattern": self.pattern, "concurrency": self.concurrency,
             "workload": self.workload,
@@ -47,8 +63,7 @@ class Measurement:
             "requests": self.requests, "elapsed_s": round(self.elapsed_s, 3),
             "correct_fraction": round(self.correct / self.rollouts, 4) if self.rollouts else 0.0,
             "errors": self.errors,
-            "latency_p50_s": rounded(percentile(latencies, 50)),
-            "latency_p99_s": rounded(percentile(latencies, 99)),
+            **latency_figures(self.latencies),
             "limit_ref_rollouts_per_s": rounded(self.limit_ref),
             "ratio_to_limit": rounded(self.limit_ratio),
             "server": {k: round(v, 4) for k, v in self.server.items()},
