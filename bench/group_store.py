@@ -55,9 +55,9 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import httpx  # noqa: E402
 import metrics  # noqa: E402
 from machine import cores, git_commit, progress_log  # noqa: E402
+from measurement import Tally, latency_figures  # noqa: E402
 from procs import ServerGroup, cpu_seconds, hero_server, stop_on_sigterm  # noqa: E402
 from redis_support import RedisServer  # noqa: E402
-from stats import percentile, rounded  # noqa: E402
 from targets import AT_LEAST, AT_MOST, target, target_lines  # noqa: E402
 from workload import BenchGroup, Workload, load_rows  # noqa: E402
 
@@ -114,30 +114,20 @@ class Answer:
 
 
 @dataclass
-class Round:
+class Round(Tally):
     store: str
     pattern: str
     number: int
-    rollouts: int = 0
-    elapsed_s: float = 0.0
-    errors: int = 0
-    latencies: list[float] = field(default_factory=list)
     round_trips: dict[str, float] = field(default_factory=dict)  # by op, scrape cost removed
     server_cpu_s: float = 0.0
     redis_cpu_s: float = 0.0
     deduplicated: float = 0.0
     answers: list[Answer] = field(default_factory=list)
 
-    @property
-    def rate(self) -> float:
-        return self.rollouts / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
     def summary(self) -> dict[str, Any]:
-        lat = sorted(self.latencies)
         return {"round": self.number, "rollouts": self.rollouts,
                 "rollouts_per_s": round(self.rate, 3), "elapsed_s": round(self.elapsed_s, 3),
-                "errors": self.errors, "latency_p50_s": rounded(percentile(lat, 50)),
-                "latency_p99_s": rounded(percentile(lat, 99)),
+                "errors": self.errors, **latency_figures(self.latencies),
                 "round_trips": {k: round(v, 1) for k, v in sorted(self.round_trips.items())},
                 "server_cpu_s": round(self.server_cpu_s, 3),
                 "redis_cpu_s": round(self.redis_cpu_s, 3),
@@ -466,14 +456,12 @@ class GroupStoreBench:
             for r in mine:
                 for op, n in r.round_trips.items():
                     trips[op] = trips.get(op, 0.0) + n
-            lat = sorted(x for r in mine for x in r.latencies)
             out["stores"][store] = {
                 "rollouts_per_s": round(statistics.median(r.rate for r in mine), 3),
                 "rounds": [r.summary() for r in mine],
                 "rollouts": rollouts,
                 "errors": sum(r.errors for r in mine),
-                "latency_p50_s": rounded(percentile(lat, 50)),
-                "latency_p99_s": rounded(percentile(lat, 99)),
+                **latency_figures(x for r in mine for x in r.latencies),
                 "round_trips_per_rollout": round(sum(trips.values()) / rollouts, 3)
                 if rollouts else None,
                 "round_trips_per_rollout_without_timers": round(sum(
