@@ -1,15 +1,19 @@
-"""Server processes for the benchmark: started on 127.0.0.1 in their own session (so the whole
-tree — uvicorn, the verifier fork server and its workers — is stopped with one killpg), plus RSS
-and CPU-time sampling of that tree with psutil."""
+"""Server processes on 127.0.0.1, for the benchmark and the tests alike (tests/support.py and
+tests/redis_support.py build on these): started in their own session (so the whole tree —
+uvicorn, the verifier fork server and its workers — is stopped with one killpg) and killed by
+the kernel if the process that started them dies, plus RSS and CPU-time sampling of that tree
+with psutil."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -27,6 +31,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """``preexec_fn`` (Linux): the child gets SIGKILL when its parent dies, even a parent killed
+    too hard to run its cleanup (a SIGKILLed pytest or benchmark leaves no orphaned server).
+    Strictly, when the parent *thread* that forked it ends: hence :func:`spawn` on the main
+    thread only."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before the prctl took hold
+            os._exit(1)
+
+
+def spawn(argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
+    """``subprocess.Popen`` of a child that dies with this process (:func:`die_with_parent`)."""
+    if threading.current_thread() is not threading.main_thread():
+        # PR_SET_PDEATHSIG follows the thread that forked: a server started from a worker thread
+        # (asyncio.to_thread) would be SIGKILLed when that thread exits.
+        raise RuntimeError(f"start {Path(argv[0]).name} from the main thread (it dies with the "
+                           "thread that started it)")
+    return subprocess.Popen(argv, preexec_fn=functools.partial(die_with_parent, os.getpid()),
+                            **popen_kwargs)
+
+
 class Server:
     def __init__(self, name: str, argv: Sequence[str], *, ready_path: str, log_dir: Path,
                  env: Optional[dict[str, str]] = None, port: Optional[int] = None) -> None:
@@ -42,10 +71,10 @@ class Server:
         self._log: Optional[IO[str]] = None
 
     def start(self) -> Server:
+        """Launch, without waiting (several servers load at once); :meth:`wait_ready` waits."""
         self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            self.argv, env=self.env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+        self.proc = spawn(self.argv, env=self.env, cwd=REPO, stdout=self._log,
+                          stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
@@ -54,13 +83,20 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n"
-                                   f"{self.log_path.read_text()[-3000:]}")
+                                   f"{self.log()[-3000:]}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
                     return
             time.sleep(0.2)
-        raise RuntimeError(f"{self.name} not ready in {timeout_s:.0f}s:\n"
-                           f"{self.log_path.read_text()[-3000:]}")
+        raise RuntimeError(f"{self.name} not ready in {timeout_s:.0f}s:\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        """What the server has written to stdout and stderr so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
 
     @property
     def pid(self) -> int:
@@ -92,11 +128,12 @@ class Server:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.terminate()
 
-    def stop(self, timeout_s: float = 20.0) -> None:
+    def stop(self, timeout_s: float = 20.0) -> Optional[int]:
         """SIGTERM to the server (the service drains, stops its pool and exits), then SIGKILL to
-        whatever is left of its process group after ``timeout_s``."""
+        whatever is left of its process group after ``timeout_s``. Its exit status (None if it
+        was never started)."""
         if self.proc is None:
-            return
+            return None
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.terminate()
@@ -112,6 +149,7 @@ class Server:
         if self._log is not None:
             self._log.close()
             self._log = None
+        return self.proc.returncode
 
 
 def hero_server(name: str, log_dir: Path, *, reward_model: str, device: str,

