@@ -20,6 +20,11 @@ def gauge(metrics: Metrics, name: str) -> float:
     return value
 
 
+def rejections(metrics: Metrics, reason: str) -> float:
+    return metrics.registry.get_sample_value("hero_rejected_requests_total",
+                                             {"reason": reason}) or 0.0
+
+
 def test_permits_are_refused_past_the_bound_and_returned_on_release():
     metrics = Metrics()
     admission = Admission(5, metrics)
@@ -34,8 +39,7 @@ def test_permits_are_refused_past_the_bound_and_returned_on_release():
     first.release()
     first.release()  # a second release returns nothing twice
     assert admission.held == 0
-    assert metrics.registry.get_sample_value(
-        "hero_rejected_requests_total", {"reason": "overloaded"}) == 1
+    assert rejections(metrics, "overloaded") == 1
 
 
 def test_a_request_larger_than_the_bound_is_413_naming_its_field():
@@ -47,8 +51,7 @@ def test_a_request_larger_than_the_bound_is_413_naming_its_field():
     assert (error.status, error.code, error.field) == (413, "too_many_rollouts", "query")
     assert "5 rollouts" in error.message and "limit is 4" in error.message
     assert admission.held == 0
-    assert metrics.registry.get_sample_value(
-        "hero_rejected_requests_total", {"reason": "too_many_rollouts"}) == 1
+    assert rejections(metrics, "too_many_rollouts") == 1
 
 
 def test_a_parked_permit_holds_its_room_but_leaves_the_queue_depth():

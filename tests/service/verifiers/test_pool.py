@@ -4,12 +4,25 @@ workers are recycled, and the memory cap holds."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
 from hero_service.verifiers.pool import ProcessWorkerPool, TaskTimeout, WorkerDied
+
+
+@contextlib.asynccontextmanager
+async def worker_pool(workers: int, max_tasks: int, memory_mb: int
+                      ) -> AsyncIterator[ProcessWorkerPool]:
+    """A pool for one test, closed (its workers stopped) however the test ends."""
+    pool = ProcessWorkerPool(workers=workers, max_tasks=max_tasks, memory_mb=memory_mb)
+    try:
+        yield pool
+    finally:
+        pool.close()
 
 
 def _allocate(megabytes: int) -> int:
@@ -18,8 +31,7 @@ def _allocate(megabytes: int) -> int:
 
 def test_hard_timeout_kills_and_replaces_the_worker():
     async def go():
-        pool = ProcessWorkerPool(workers=1, max_tasks=100, memory_mb=0)
-        try:
+        async with worker_pool(workers=1, max_tasks=100, memory_mb=0) as pool:
             before = await pool.run(os.getpid, timeout_s=30)
             started = time.monotonic()
             with pytest.raises(TaskTimeout):
@@ -27,16 +39,13 @@ def test_hard_timeout_kills_and_replaces_the_worker():
             assert time.monotonic() - started < 10
             after = await pool.run(os.getpid, timeout_s=30)
             assert after != before  # a fresh worker took the killed one's place
-        finally:
-            pool.close()
 
     asyncio.run(go())
 
 
 def test_killed_worker_is_reported_and_replaced():
     async def go():
-        pool = ProcessWorkerPool(workers=1, max_tasks=100, memory_mb=0)
-        try:
+        async with worker_pool(workers=1, max_tasks=100, memory_mb=0) as pool:
             pid = await pool.run(os.getpid, timeout_s=30)
             task = asyncio.ensure_future(pool.run(time.sleep, 20, timeout_s=60))
             await asyncio.sleep(0.5)
@@ -44,19 +53,14 @@ def test_killed_worker_is_reported_and_replaced():
             with pytest.raises(WorkerDied):
                 await task
             assert await pool.run(os.getpid, timeout_s=30) != pid
-        finally:
-            pool.close()
 
     asyncio.run(go())
 
 
 def test_workers_are_recycled_after_max_tasks():
     async def go():
-        pool = ProcessWorkerPool(workers=1, max_tasks=2, memory_mb=0)
-        try:
+        async with worker_pool(workers=1, max_tasks=2, memory_mb=0) as pool:
             return [await pool.run(os.getpid, timeout_s=30) for _ in range(4)]
-        finally:
-            pool.close()
 
     pids = asyncio.run(go())
     assert pids[0] == pids[1] and pids[2] == pids[3] and pids[1] != pids[2]
@@ -64,13 +68,10 @@ def test_workers_are_recycled_after_max_tasks():
 
 def test_memory_cap_turns_a_huge_allocation_into_an_error():
     async def go():
-        pool = ProcessWorkerPool(workers=1, max_tasks=100, memory_mb=1024)
-        try:
+        async with worker_pool(workers=1, max_tasks=100, memory_mb=1024) as pool:
             with pytest.raises(MemoryError):
                 await pool.run(_allocate, 4096, timeout_s=30)
             return await pool.run(_allocate, 16, timeout_s=30)
-        finally:
-            pool.close()
 
     assert asyncio.run(go()) == 16 * 1024 * 1024
 
@@ -80,8 +81,7 @@ def test_pool_heals_after_idle_workers_are_killed():
     import psutil
 
     async def go():
-        pool = ProcessWorkerPool(workers=2, max_tasks=100, memory_mb=0)
-        try:
+        async with worker_pool(workers=2, max_tasks=100, memory_mb=0) as pool:
             first = await pool.run(os.getpid, timeout_s=30)
             me = psutil.Process()
             victims = [c for c in me.children(recursive=True)
@@ -92,8 +92,6 @@ def test_pool_heals_after_idle_workers_are_killed():
             await asyncio.sleep(0.5)
             assert pool.restart_if_broken()  # healed
             return await pool.run(os.getpid, timeout_s=30), first, pool.restarts
-        finally:
-            pool.close()
 
     after, first, restarts = asyncio.run(go())
     assert after != first and restarts == 1
@@ -115,12 +113,9 @@ def test_run_items_bounds_each_step_not_the_whole_task():
     failures: list[str] = []
 
     async def go():
-        pool = ProcessWorkerPool(workers=1, max_tasks=100, memory_mb=0)
-        try:
+        async with worker_pool(workers=1, max_tasks=100, memory_mb=0) as pool:
             return await pool.run_items(_sleep_per_item, [0.4] * 10, step_timeout_s=1.0,
                                         on_failure=failures.append)
-        finally:
-            pool.close()
 
     results = asyncio.run(go())
     assert failures == []
@@ -137,8 +132,7 @@ def test_run_items_retries_only_the_item_whose_worker_died():
     killed: list[int] = []
 
     async def go():
-        pool = ProcessWorkerPool(workers=1, max_tasks=100, memory_mb=0)
-        try:
+        async with worker_pool(workers=1, max_tasks=100, memory_mb=0) as pool:
             pid = await pool.run(os.getpid, timeout_s=30)
 
             def kill_during_item_2():
@@ -153,8 +147,6 @@ def test_run_items_retries_only_the_item_whose_worker_died():
                                            step_timeout_s=5.0, on_failure=failures.append)
             killer.join()
             return results, time.monotonic() - started
-        finally:
-            pool.close()
 
     results, elapsed = asyncio.run(go())
     assert killed and failures == ["died"]
