@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from . import __version__
 from .assembly import Assembler
+from .audit import AuditLog
 from .batching import Batcher
 from .config import Settings
 from .http.auth import ApiKeyAuth
@@ -64,8 +65,13 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         verifiers = build_verifiers(settings, metrics)
         model: Optional[RewardModel] = None
-        stage = "loading the reward model"
+        audit: Optional[AuditLog] = None
+        stage = "opening the audit log"
         try:
+            if settings.audit_log is not None:
+                audit = AuditLog(settings.audit_log, sample_rate=settings.audit_sample_rate,
+                                 max_bytes=settings.audit_max_bytes, metrics=metrics)
+            stage = "loading the reward model"
             model = await asyncio.to_thread(reward_model_factory, settings)
             stage = "starting the verifier pool"
             await asyncio.gather(*(v.start() for v in verifiers.values()))
@@ -77,12 +83,15 @@ def create_app(
                                  return_exceptions=True)
             if model is not None:
                 model.close()
+            if audit is not None:
+                audit.close()
             raise
         batcher = Batcher(
             model, max_batch_tokens=settings.resolved_max_batch_tokens(model.device_type),
             max_wait_ms=settings.max_wait_ms, metrics=metrics)
         batcher.start()
-        pipeline = Pipeline(settings, model, batcher, verifiers, metrics, service.admission)
+        pipeline = Pipeline(settings, model, batcher, verifiers, metrics, service.admission,
+                            audit)
 
         def on_sigma(run: str, value: Optional[float]) -> None:
             metrics.sigma_ref.set(value or 0.0)
@@ -105,6 +114,8 @@ def create_app(
             batcher.stop()
             await asyncio.gather(*(v.close() for v in verifiers.values()))
             model.close()
+            if audit is not None:
+                await asyncio.to_thread(audit.close)  # writes what is queued
 
     app = FastAPI(
         title="hero-rewards",

@@ -129,7 +129,7 @@ def piece_result(group_id: str, outcomes: list[MemberOutcome]) -> GroupResult:
         advantages=pick_optional(whole.advantages), verified=pick(whole.verified),
         verifier_status=pick(whole.verifier_status), rm_scores=pick_optional(whole.rm_scores),
         normalized=pick(whole.normalized), truncated=pick(whole.truncated),
-        partial=outcomes[0].partial)
+        partial=outcomes[0].partial, disagreement=pick_optional(whole.disagreement))
 
 
 def outcome_sigma_ref(outcome: MemberOutcome) -> Optional[float]:
@@ -180,7 +180,11 @@ class Assembler:
             combined = self.pipeline.combine(sub, joined.local.only(whole), None)
             sigma_ref = combined.sigma_ref
             for g, result in zip(whole, combined.groups):
-                results[g] = result.model_copy(update={"id": request.groups[g].id or str(g)})
+                named = result.model_copy(update={"id": request.groups[g].id or str(g)})
+                self.pipeline.metrics.observe_group(request.mode, named)
+                self.pipeline.audit_flagged(request.request_id, named,
+                                            request.groups[g].responses)
+                results[g] = named
         for piece, outcomes in zip(pieces, joined.outcomes):
             results[piece.index] = piece_result(request.groups[piece.index].id or str(piece.index),
                                                 outcomes)
@@ -212,12 +216,18 @@ class Assembler:
                          for p in pieces]
                 permit.park()
                 outcomes = await self._wait_for(asyncio.gather(*joins), held.ids, should_stop)
-        for group_outcomes in outcomes:
+        for piece, group_outcomes in zip(pieces, outcomes):
             first = group_outcomes[0]
-            if first.published_here:
+            if first.published_here:  # group-level counts once per group, on any replica
                 if first.partial:
                     self._on_partial()
+                self.pipeline.metrics.observe_group(request.mode, first.group)
                 self._on_sigma(run, await self.store.sigma_value(run))
+            # Each response is audited by the request that sent it (only it has the text).
+            group = request.groups[piece.index]
+            self.pipeline.audit_flagged(
+                request.request_id, piece_result(group.id or str(piece.index), group_outcomes),
+                group.responses)
         return Joined(local, outcomes)
 
     @contextlib.asynccontextmanager

@@ -89,6 +89,16 @@ class Settings(BaseSettings):
     max_responses_per_group: int = Field(256, ge=1, description="responses per group")
     max_response_chars: int = Field(200_000, ge=1, description="characters per response")
 
+    # Reward diagnostics: responses the verifier and the RM disagree about (audit.py).
+    audit_log: Optional[Path] = Field(
+        None, description="append one JSON line per flagged response (verifier/RM "
+        "disagreement) to this file; unset: off")
+    audit_sample_rate: float = Field(
+        1.0, ge=0.0, le=1.0, description="share of flagged responses written to --audit-log")
+    audit_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="rotate --audit-log at this size (3 older files "
+        "kept)")
+
     drain_timeout_s: float = Field(
         120.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish")
 

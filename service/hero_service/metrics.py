@@ -6,14 +6,26 @@ scoring backlog only; requests parked waiting for their group are not in it
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from hero_client.schema import GroupResult
+from hero_client.vocabulary import DisagreementKind, Mode
+
 QUEUE_DEPTH_METRIC = "hero_queue_depth"
+# Rewards further apart than this within a group are a learning signal (as the CLI's summary).
+REWARD_SPREAD_SIGNAL = 1e-9
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _TOKEN_BUCKETS = (128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+# HERO weights lie in [w_min, w_max] (defaults 0.4 .. 3.0).
+_WEIGHT_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 5.0, 10.0)
+# HERO rewards: w * [-alpha, alpha] and w * [1 - beta, 1 + beta]; mode rm: z-scores.
+_REWARD_BUCKETS = (-3.0, -1.0, -0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5,
+                   3.0, 4.0)
 
 
 class Metrics:
@@ -96,6 +108,45 @@ class Metrics:
             "hero_get_reward_prompt_mismatch", "/get_reward queries that do not start with their "
             "prompt, by how the response was found (prompt_tail: after the prompt's end, "
             "whole_query: the whole query scored)", ["fallback"], registry=r)
+        # Reward diagnostics: counted once per group (an assembled group by the replica that
+        # published it), see observe_group.
+        self.disagreements = Counter(
+            "hero_disagreements", "responses where the verifier and the RM disagree, by kind "
+            "(hero_client.diagnostics)", ["kind"], registry=r)
+        for kind in get_args(DisagreementKind):
+            self.disagreements.labels(kind)  # both kinds shown from the start, at 0
+        self.group_weight = Histogram(
+            "hero_group_weight", "HERO weight w per group (mode hero)", buckets=_WEIGHT_BUCKETS,
+            registry=r)
+        self.rewards = Histogram(
+            "hero_rewards", "rewards returned, per rollout", ["mode"], buckets=_REWARD_BUCKETS,
+            registry=r)
+        self.verifier_no_signal_groups = Counter(
+            "hero_verifier_no_signal_groups", "groups of 2+ whose verdicts are all alike "
+            "(all_correct / all_wrong: the verifier alone gives no learning signal), by whether "
+            "the returned rewards still differ (reward_signal)", ["verdicts", "reward_signal"],
+            registry=r)
+        self.audit_lines = Counter(
+            "hero_audit_lines", "lines written to the audit log (--audit-log)", registry=r)
+        self.audit_dropped = Counter(
+            "hero_audit_dropped", "audit-log lines dropped: the writer's queue was full or the "
+            "write failed (requests never wait for the log)", registry=r)
+
+    def observe_group(self, mode: Mode, group: GroupResult) -> None:
+        """The reward diagnostics of one whole group; call it once per group."""
+        for kind in group.disagreement or ():
+            if kind is not None:
+                self.disagreements.labels(kind).inc()
+        if mode == "hero":
+            self.group_weight.observe(group.weight)
+        rewards = self.rewards.labels(mode)
+        for reward in group.rewards:
+            rewards.observe(reward)
+        verified = group.verified
+        if len(verified) > 1 and all(v == verified[0] for v in verified):
+            signal = max(group.rewards) - min(group.rewards) > REWARD_SPREAD_SIGNAL
+            self.verifier_no_signal_groups.labels(
+                "all_correct" if verified[0] else "all_wrong", str(signal).lower()).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from hero_client import hero
+from hero_client import diagnostics, hero
 from hero_client.schema import (
     Group,
     GroupResult,
@@ -25,6 +25,7 @@ from hero_client.schema import (
 
 from . import special_tokens
 from .admission import Admission, Permit
+from .audit import AuditLog, flagged_entries
 from .batching import Batcher
 from .config import Settings
 from .errors import InputError, ScoringFailed, ScoringUnavailable
@@ -71,14 +72,15 @@ class LocalScores:
 def combine_group(mode: Mode, params: hero.HeroParams, group_id: str,
                   statuses: Sequence[VerifierStatus], rm_scores: Optional[list[float]],
                   truncated: list[bool], sigma_ref: Optional[float]) -> GroupResult:
-    """HERO (or the ablation ``mode``) for one whole group: pure, shared by requests scored
-    whole and by groups closed in the group store."""
+    """HERO (or the ablation ``mode``) for one whole group, with its verifier/RM disagreements:
+    pure, shared by requests scored whole and by groups closed in the group store."""
     verified = [s == "correct" for s in statuses]
     result = hero.score_group(mode, verified, rm_scores, params, sigma_ref)
     return GroupResult(
         id=group_id, sigma=result.sigma, weight=result.weight, rewards=result.rewards,
         advantages=result.advantages, verified=verified, verifier_status=list(statuses),
-        rm_scores=rm_scores, normalized=result.normalized, truncated=truncated)
+        rm_scores=rm_scores, normalized=result.normalized, truncated=truncated,
+        disagreement=diagnostics.disagreements(statuses, rm_scores))
 
 
 def _unavailable(exc: RewardModelUnavailable) -> ScoringUnavailable:
@@ -105,6 +107,7 @@ class Pipeline:
         verifiers: dict[str, Verifier],
         metrics: Metrics,
         admission: Admission,
+        audit: Optional[AuditLog] = None,
     ) -> None:
         self.settings = settings
         self.reward_model = reward_model
@@ -112,6 +115,7 @@ class Pipeline:
         self.verifiers = verifiers
         self.metrics = metrics
         self.admission = admission
+        self.audit = audit  # --audit-log: the flagged responses (None: off)
 
     # -- validation ------------------------------------------------------------------------
 
@@ -166,7 +170,16 @@ class Pipeline:
         response = self.combine(request, local, sigma_ref)
         response.timings_ms = local.timings(started)
         self.metrics.rollouts_scored.labels(request.mode).inc(local.n_rollouts)
+        for group, result in zip(request.groups, response.groups):
+            self.metrics.observe_group(request.mode, result)
+            self.audit_flagged(request.request_id, result, group.responses)
         return response
+
+    def audit_flagged(self, request_id: Optional[str], result: GroupResult,
+                      responses: Sequence[str]) -> None:
+        """The caller's flagged responses to the audit log (``result``: its own entries)."""
+        if self.audit is not None and result.disagreement:
+            self.audit.record(flagged_entries(request_id, result, responses))
 
     async def score_locally(self, request: RewardsRequest, verifier: Verifier) -> LocalScores:
         """Verifier verdicts and RM scores per response, not combined into HERO rewards: what a

@@ -39,8 +39,8 @@ per request: ``{"query": [q], "prompts": [p], "labels": [l]}`` where ``q`` =
   sends ``""`` when ``--data.label_key`` is not set, which would otherwise score as ``no_answer``.
 - **The answer.** ``rewards`` are HERO rewards; ``scores`` are the verdicts (1.0 verified, else
   0.0), because OpenRLHF reads ``scores`` as a [0, 1] value for dynamic filtering. ``extra_logs``
-  hold numbers only, one per query (OpenRLHF makes a tensor of each). An empty request gets
-  empty lists."""
+  hold numbers only, one per query (OpenRLHF makes a tensor of each), the disagreement flags
+  (``GroupResult.disagreement``) as 1.0/0.0 per kind. An empty request gets empty lists."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ from hero_client.schema import (
     GroupResult,
     RewardsRequest,
 )
+from hero_client.vocabulary import DisagreementKind
 
 from .. import special_tokens
 from ..assembly import DEFAULT_RUN, Assembler, Piece, StopCheck, outcome_sigma_ref
@@ -64,7 +65,8 @@ from ..reward_models import templates
 # The prompt as decoded inside a query is never much longer than the prompt sent with it (left
 # truncation and clean-up only shorten it; a tokenizer may add a leading space).
 PROMPT_SLACK_CHARS = 8
-LOG_KEYS = ("verified", "rm_score", "hero_weight", "sigma_ref", "partial", "prompt_mismatch")
+LOG_KEYS = ("verified", "rm_score", "hero_weight", "sigma_ref", "partial", "prompt_mismatch",
+            "likely_false_negative", "likely_false_positive")
 
 RMPrompt = Union[str, list[dict[str, str]]]
 
@@ -148,9 +150,16 @@ def build_response(results: list[QueryResult],
         "sigma_ref": [r.sigma_ref or 0.0 for r in results],
         "partial": [float(r.partial) for r in results],
         "prompt_mismatch": [float(f is not None) for f in fallbacks],
+        "likely_false_negative": [_flagged(r, "likely_false_negative") for r in results],
+        "likely_false_positive": [_flagged(r, "likely_false_positive") for r in results],
     }
     assert set(extra_logs) == set(LOG_KEYS)
     return GetRewardResponse(rewards=rewards, scores=list(verified), extra_logs=extra_logs)
+
+
+def _flagged(result: QueryResult, kind: DisagreementKind) -> float:
+    flags = result.group.disagreement
+    return float(flags is not None and flags[result.index] == kind)
 
 
 def member_base_id(run: str, n: int, prompt: str, label: Optional[str], query: str) -> str:
