@@ -1,9 +1,14 @@
 """The ``math`` verifier: HuggingFace math-verify, run in a pool of worker processes.
 
 Responses from all concurrent requests go into one queue; a dispatcher keeps two chunks per
-worker in flight and cuts the queue into chunks as workers free up. An idle service sends small
-chunks at once (low latency); a busy one sends larger chunks (up to ``MAX_CHUNK``), so the pool's
-per-task cost is spread over many responses.
+worker in flight (the one a worker runs and the next, already in its pipe) and cuts the queue into
+chunks as workers free up. The queue is cut at the next turn of the event loop, so the responses
+of requests arriving together share chunks. A chunk's size is the queue's share of every slot in
+flight, at most ``MAX_CHUNK``: an idle service sends small chunks at once (low latency), a busy
+one larger chunks (the pool's per-task cost spread over many responses), and the end of a burst
+is cut fine, so no worker idles while another works through a long last chunk.
+
+Each request waits on one future for all its responses, settled when its last verdict is in.
 
 Time is bounded per math-verify call, not per chunk: each parse and each comparison has its own
 alarm of ``timeout_s`` in the worker, and the pool's watchdog kills a worker only when one call
@@ -18,11 +23,10 @@ import asyncio
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, get_args
 
 from . import _math_worker
-from .base import Verdict, Verifier
+from .base import Status, Verdict, Verifier
 from .pool import ItemFailed, ProcessWorkerPool
 
 MAX_CHUNK = 32
@@ -32,11 +36,26 @@ CHUNKS_IN_FLIGHT_PER_WORKER = 2
 STEP_SLACK_S = 1.0
 
 
-@dataclass
-class _Item:
-    reference: str
-    response: str
-    future: asyncio.Future[Verdict]
+class _Request:
+    """One ``verify`` call's responses: its verdicts as they come, and the one future its caller
+    waits on."""
+
+    __slots__ = ("future", "verdicts", "missing")
+
+    def __init__(self, future: asyncio.Future[list[Verdict]], n: int) -> None:
+        self.future = future
+        self.verdicts: list[Optional[Verdict]] = [None] * n
+        self.missing = n
+
+    def settle(self, index: int, verdict: Verdict) -> None:
+        self.verdicts[index] = verdict
+        self.missing -= 1
+        if self.missing == 0 and not self.future.done():
+            self.future.set_result(self.verdicts)  # type: ignore[arg-type]
+
+
+# One queued response: (its request, its index there, reference, response).
+_Item = tuple[_Request, int, str, str]
 
 
 class MathVerifier(Verifier):
@@ -54,6 +73,7 @@ class MathVerifier(Verifier):
         self._pool: ProcessWorkerPool | None = None
         self._queue: deque[_Item] = deque()
         self._in_flight = 0
+        self._dispatch_due = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -69,8 +89,8 @@ class MathVerifier(Verifier):
             self._pool = None
 
     def ready(self) -> bool:
-        # a broken pool is restarted here, so readiness heals too
-        return self._pool is not None and self._pool.restart_if_broken()
+        # the pool replaces dead workers itself (also idle ones), so readiness heals too
+        return self._pool is not None and self._pool.ready()
 
     @property
     def step_timeout_s(self) -> float:
@@ -80,18 +100,24 @@ class MathVerifier(Verifier):
     async def verify(self, reference: str | None, responses: Sequence[str]) -> list[Verdict]:
         if reference is None:
             return [Verdict("no_answer", "no reference given")] * len(responses)
+        if not responses:
+            return []
         loop = asyncio.get_running_loop()
-        items = [_Item(reference, r, loop.create_future()) for r in responses]
-        self._queue.extend(items)
-        self._dispatch()
-        return list(await asyncio.gather(*(i.future for i in items)))
+        request = _Request(loop.create_future(), len(responses))
+        self._queue.extend((request, i, reference, r) for i, r in enumerate(responses))
+        if not self._dispatch_due:
+            # At the next turn of the loop: requests that arrive together share chunks.
+            self._dispatch_due = True
+            loop.call_soon(self._dispatch)
+        return list(await request.future)
 
     def _dispatch(self) -> None:
+        self._dispatch_due = False
         slots = self.workers * CHUNKS_IN_FLIGHT_PER_WORKER
         while self._queue and self._in_flight < slots:
-            size = min(MAX_CHUNK, max(1, math.ceil(len(self._queue) / (slots - self._in_flight))))
+            size = min(MAX_CHUNK, math.ceil(len(self._queue) / slots))
             chunk = [self._queue.popleft() for _ in range(min(size, len(self._queue)))]
-            chunk = [item for item in chunk if not item.future.done()]  # callers that left
+            chunk = [item for item in chunk if not item[0].future.done()]  # callers that left
             if not chunk:
                 continue
             self._in_flight += 1
@@ -100,16 +126,15 @@ class MathVerifier(Verifier):
             task.add_done_callback(self._tasks.discard)
 
     async def _verify_and_answer(self, chunk: list[_Item]) -> None:
-        """Verify one chunk and settle each waiting caller's future with its verdict."""
+        """Verify one chunk and hand each verdict to its request."""
         try:
-            verdicts = await self._verify_chunk([(i.reference, i.response) for i in chunk])
-            for item, verdict in zip(chunk, verdicts):
-                if not item.future.done():
-                    item.future.set_result(verdict)
+            verdicts = await self._verify_chunk([(item[2], item[3]) for item in chunk])
+            for (request, index, _, _), verdict in zip(chunk, verdicts):
+                request.settle(index, verdict)
         except Exception as exc:  # e.g. the pool could not be started
-            for item in chunk:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+            for request, _, _, _ in chunk:
+                if not request.future.done():
+                    request.future.set_exception(exc)
         finally:
             self._in_flight -= 1
             self._dispatch()
@@ -128,4 +153,9 @@ class MathVerifier(Verifier):
                 return Verdict("timeout", f"verifier worker killed: {result.detail}")
             return Verdict("error", f"verifier worker died: {result.detail}")
         status, detail = result
+        if detail is None:
+            return _PLAIN_VERDICTS[status]  # one shared instance per status (frozen)
         return Verdict(status, detail)  # type: ignore[arg-type]
+
+
+_PLAIN_VERDICTS: dict[str, Verdict] = {status: Verdict(status) for status in get_args(Status)}
