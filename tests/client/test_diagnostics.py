@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hero_client import diagnostics
+from hero_client import diagnostics, hero
+from hero_client._score_command import summarize
 from hero_client.vocabulary import DisagreementKind, VerifierStatus
 
 FN: DisagreementKind = "likely_false_negative"
@@ -155,3 +156,31 @@ def test_flags_do_not_depend_on_the_rm_scale(group, exponent, shift):
     moved = [s * 2.0 ** exponent + shift for s in scores]
     assert diagnostics.disagreements(statuses, moved) == diagnostics.disagreements(statuses,
                                                                                    scores)
+
+
+def test_the_cli_summary_counts_the_flags_and_the_groups_without_verifier_signal(dev_rows):
+    """``hero-rewards score --summary`` over result lines as the service writes them (HERO and
+    the flags computed here from the dev data's grader labels, 72B scores and planted misses)."""
+    results = []
+    for row in dev_rows:
+        statuses = grader_statuses(row)
+        if all(row["grader_correct"]):
+            statuses[best_scored(row)] = "incorrect"
+        verified = [s == "correct" for s in statuses]
+        scored = hero.score_group("hero", verified, row["rm72b_scores"], hero.HeroParams(), 1.0)
+        results.append({
+            "id": row["id"], "verifier_status": statuses, "verified": verified,
+            "rewards": scored.rewards, "weight": scored.weight, "advantages": scored.advantages,
+            "disagreement": diagnostics.disagreements(statuses, row["rm72b_scores"])})
+    summary = summarize(results, 1.0)
+    # 45 planted misses, and group 28's three wrong answers its RM likes (see above).
+    assert summary["disagreements"] == {FN: 48, FP: 0}
+    # Planting left one group whose verdicts are all alike: the all-wrong group 3, where the RM
+    # still orders the answers.
+    assert summary["verifier_no_signal_groups"] == {
+        "all_correct": {"reward_signal": 0, "no_reward_signal": 0},
+        "all_wrong": {"reward_signal": 1, "no_reward_signal": 0}}
+    results[3]["disagreement"] = None  # mode verifier: no flags at all
+    results[3]["rewards"] = [0.0] * 8
+    assert summarize(results, 1.0)["verifier_no_signal_groups"]["all_wrong"] == {
+        "reward_signal": 0, "no_reward_signal": 1}

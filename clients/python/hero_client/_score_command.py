@@ -57,8 +57,12 @@ from .schema import (
     VerifierName,
     VerifierStatus,
 )
+from .vocabulary import DisagreementKind
 
 NONZERO_ADVANTAGE = 1e-9  # |A| above this counts as a learning signal in the summary
+# Rewards of one group further apart than this are a learning signal (as hero_service.metrics).
+REWARD_SPREAD_SIGNAL = 1e-9
+DISAGREEMENT_KINDS = get_args(DisagreementKind)
 STATUSES = get_args(VerifierStatus)
 META_SUFFIX = ".meta.json"
 META_FORMAT = "hero-rewards score/1"
@@ -313,19 +317,33 @@ def resume_refusal(output: Path, recorded: Optional[dict[str, Any]],
 
 def summarize(results: Sequence[dict[str, Any]], sigma_ref: Optional[float]) -> dict[str, Any]:
     """Statistics of result lines: verifier status counts, reward mean/min/max (over rollouts),
-    mean weight (over groups), the running sigma-bar, groups with a non-zero advantage."""
+    mean weight (over groups), the running sigma-bar, groups with a non-zero advantage, and the
+    service's reward diagnostics (``hero_disagreements_total`` and
+    ``hero_verifier_no_signal_groups_total`` counted over the file)."""
     statuses = {s: 0 for s in STATUSES}
     rewards: list[float] = []
     weights: list[float] = []
     with_signal = 0
+    disagreements = {kind: 0 for kind in DISAGREEMENT_KINDS}
+    no_signal = {verdicts: {"reward_signal": 0, "no_reward_signal": 0}
+                 for verdicts in ("all_correct", "all_wrong")}
     for r in results:
         for s in r.get("verifier_status", []):
             statuses[s] = statuses.get(s, 0) + 1
-        rewards.extend(r.get("rewards", []))
+        group_rewards = r.get("rewards", [])
+        rewards.extend(group_rewards)
         weights.append(r["weight"])
         advantages = r.get("advantages") or []
         if any(abs(a) > NONZERO_ADVANTAGE for a in advantages):
             with_signal += 1
+        for kind in r.get("disagreement") or []:
+            if kind is not None:
+                disagreements[kind] = disagreements.get(kind, 0) + 1
+        verified = r.get("verified", [])
+        if len(verified) > 1 and all(v == verified[0] for v in verified):
+            spread = max(group_rewards) - min(group_rewards) > REWARD_SPREAD_SIGNAL
+            no_signal["all_correct" if verified[0] else "all_wrong"][
+                "reward_signal" if spread else "no_reward_signal"] += 1
     return {
         "groups": len(results),
         "rollouts": len(rewards),
@@ -338,6 +356,8 @@ def summarize(results: Sequence[dict[str, Any]], sigma_ref: Optional[float]) -> 
         "weight_mean": math.fsum(weights) / len(weights) if weights else None,
         "sigma_ref": sigma_ref,
         "groups_with_nonzero_advantage": with_signal,
+        "disagreements": disagreements,
+        "verifier_no_signal_groups": no_signal,
     }
 
 
