@@ -3,10 +3,9 @@
 Responses from all concurrent requests go into one queue; a dispatcher keeps two chunks per
 worker in flight (the one a worker runs and the next, already in its pipe) and cuts the queue into
 chunks as workers free up. The queue is cut at the next turn of the event loop, so the responses
-of requests arriving together share chunks. A chunk's size is the queue's share of every slot in
-flight, at most ``MAX_CHUNK``: an idle service sends small chunks at once (low latency), a busy
-one larger chunks (the pool's per-task cost spread over many responses), and the end of a burst
-is cut fine, so no worker idles while another works through a long last chunk.
+of requests arriving together share chunks, and split evenly over the slots free at that moment,
+at most ``MAX_CHUNK`` each: an idle service sends small chunks at once (low latency), a busy one
+larger chunks (the pool's per-task cost spread over many responses).
 
 Each request waits on one future for all its responses, settled when its last verdict is in.
 
@@ -114,8 +113,12 @@ class MathVerifier(Verifier):
     def _dispatch(self) -> None:
         self._dispatch_due = False
         slots = self.workers * CHUNKS_IN_FLIGHT_PER_WORKER
+        if self._in_flight >= slots or not self._queue:
+            return
+        # The queue split evenly over the slots free now: 16 responses and 2 free slots make two
+        # chunks of 8.
+        size = min(MAX_CHUNK, math.ceil(len(self._queue) / (slots - self._in_flight)))
         while self._queue and self._in_flight < slots:
-            size = min(MAX_CHUNK, math.ceil(len(self._queue) / slots))
             chunk = [self._queue.popleft() for _ in range(min(size, len(self._queue)))]
             chunk = [item for item in chunk if not item[0].future.done()]  # callers that left
             if not chunk:

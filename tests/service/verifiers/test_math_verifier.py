@@ -122,3 +122,34 @@ def test_a_stuck_response_ends_as_timeout_and_only_it_is_charged():
     assert failures == ["timeout", "timeout"]
     # Two overruns of one step, plus worker restarts and the neighbours' re-run.
     assert elapsed < 2 * step_timeout_s + 4, elapsed
+
+
+class _ChunkRecordingVerifier(MathVerifier):
+    """Records the size of every chunk sent to the pool (the real pool, the real verdicts)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.chunks: list[int] = []
+
+    async def _verify_chunk(self, pairs):
+        self.chunks.append(len(pairs))
+        return await super()._verify_chunk(pairs)
+
+
+def test_requests_arriving_together_share_chunks():
+    """16 one-response requests at once, one worker (two chunks in flight): two chunks of 8,
+    not 16 tasks, and each request gets its own verdict."""
+    async def go():
+        verifier = _ChunkRecordingVerifier(workers=1, timeout_s=2, max_tasks=500, memory_mb=2048)
+        await verifier.start()
+        try:
+            verdicts = await asyncio.gather(*(verifier.verify(str(i), [f"\\boxed{{{i % 3}}}"])
+                                              for i in range(16)))
+            return verdicts, verifier.chunks
+        finally:
+            await verifier.close()
+
+    verdicts, chunks = run(go())
+    assert chunks == [8, 8]
+    assert [v[0].status for v in verdicts] == [
+        "correct" if i == i % 3 else "incorrect" for i in range(16)]

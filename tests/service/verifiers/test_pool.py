@@ -154,3 +154,62 @@ def test_run_items_retries_only_the_item_whose_worker_died():
     assert [seconds for _, seconds in results] == [0.1, 0.1, 3.0, 0.1]
     assert killed[0] not in {pid for pid, _ in results}
     assert elapsed < 10, elapsed
+
+
+def test_a_task_sent_behind_a_stuck_one_runs_elsewhere_uncharged():
+    """One worker holds two tasks (the one it runs, the next in its pipe). When the first is
+    killed for its timeout, the second never ran there: it runs on the replacement and answers."""
+    async def go():
+        async with worker_pool(workers=1, max_tasks=100, memory_mb=0) as pool:
+            first = await pool.run(os.getpid, timeout_s=30)
+            stuck = asyncio.ensure_future(pool.run(time.sleep, 30, timeout_s=1))
+            behind = asyncio.ensure_future(pool.run(os.getpid, timeout_s=30))
+            with pytest.raises(TaskTimeout):
+                await stuck
+            return first, await behind
+
+    first, behind = asyncio.run(go())
+    assert behind != first  # answered, by the worker that replaced the killed one
+
+
+def _unpicklable_result() -> object:
+    import threading
+
+    return threading.Lock()
+
+
+def test_an_unpicklable_result_is_an_error_and_the_worker_lives():
+    async def go():
+        async with worker_pool(workers=1, max_tasks=100, memory_mb=0) as pool:
+            before = await pool.run(os.getpid, timeout_s=30)
+            with pytest.raises(RuntimeError, match="cannot be sent back"):
+                await pool.run(_unpicklable_result, timeout_s=30)
+            return before, await pool.run(os.getpid, timeout_s=30)
+
+    before, after = asyncio.run(go())
+    assert before == after
+
+
+def _touch(path: str) -> None:
+    with open(path, "w"):
+        pass
+
+
+def test_a_caller_that_leaves_drops_its_queued_task(tmp_path):
+    """Two tasks fill the one worker's pipeline; a third waits in the service. Its caller goes
+    away: it never runs, while the two already sent finish."""
+    marker = tmp_path / "ran"
+
+    async def go():
+        async with worker_pool(workers=1, max_tasks=100, memory_mb=0) as pool:
+            await pool.run(os.getpid, timeout_s=30)
+            sent = [asyncio.ensure_future(pool.run(time.sleep, 0.3, timeout_s=30))
+                    for _ in range(2)]
+            queued = asyncio.ensure_future(pool.run(_touch, str(marker), timeout_s=30))
+            await asyncio.sleep(0.05)
+            queued.cancel()
+            await asyncio.gather(*sent)
+            await pool.run(os.getpid, timeout_s=30)  # after everything sent before it
+
+    asyncio.run(go())
+    assert not marker.exists()
