@@ -53,6 +53,28 @@ class OverloadPlan:
 
 
 @dataclass(frozen=True)
+class ModelShape:
+    """A random Qwen2-shaped sequence classifier (``shared_prompt.build_model``)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+
+@dataclass(frozen=True)
+class SharedPromptPlan:
+    model: ModelShape
+    long_groups: int        # groups of the long-prompt workload (8 responses each)
+    few_shot_tokens: int    # the few-shot block before each of its problems
+    response_tokens: int    # each of its responses
+    dev_groups: int         # groups of the dev data as is
+    rounds: int             # every arm once per round, interleaved (ratios: median round)
+    max_batch_tokens: int   # the service's token budget (its CPU default in the full plan)
+
+
+@dataclass(frozen=True)
 class Plan:
     name: str
     windows: Windows
@@ -61,6 +83,7 @@ class Plan:
     forward_sweep: ForwardSweep
     core_split: CoreSplit
     overload: OverloadPlan
+    shared_prompt: SharedPromptPlan
     max_batch_tokens: int  # 0: the service's own default for the device
 
     def with_token_budget(self, max_batch_tokens: int) -> Plan:
@@ -77,9 +100,12 @@ FULL = Plan(
     CoreSplit(variants=("main", "workers_per_core", "fewer_threads"), patterns=("a", "b"),
               several_groups_callers=4),
     OverloadPlan(burst_s=10.0, max_queued_rollouts=64, idle_after_s=2.0),
+    SharedPromptPlan(ModelShape(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768),
+                     long_groups=4, few_shot_tokens=500, response_tokens=300, dev_groups=4,
+                     rounds=3, max_batch_tokens=4096),
     max_batch_tokens=0)
 # The smoke version: the same sections with tiny windows, 8 callers, a 2048-token budget,
-# two core-split variants.
+# two core-split variants, a tiny shared-prompt model.
 QUICK = Plan(
     "quick",
     Windows(measurement_s=1.5, probe_s=1.0, probe_every=5, scale_s=1.5),
@@ -89,4 +115,7 @@ QUICK = Plan(
     ForwardSweep(batch_sizes=(8, 16), rollouts=16, rounds=1),
     CoreSplit(variants=("main", "fewer_threads"), patterns=("b",), several_groups_callers=4),
     OverloadPlan(burst_s=2.0, max_queued_rollouts=16, idle_after_s=1.0),
+    SharedPromptPlan(ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128),
+                     long_groups=2, few_shot_tokens=200, response_tokens=80, dev_groups=2,
+                     rounds=1, max_batch_tokens=2048),
     max_batch_tokens=2048)

@@ -9,6 +9,7 @@ import platform
 from pathlib import Path
 from typing import Any, Optional
 
+import shared_prompt
 from machine import cores, cpu_model, git_commit, gpu_name, torch_threads, torch_version
 from measurement import Measurement
 from sections import Findings
@@ -65,6 +66,7 @@ def results(found: Findings) -> dict[str, Any]:
         "scale": scale,
         "core_split": core_split,
         "overload": found.overload,
+        "shared_prompt": found.shared_prompt,
         "targets": targets(found, scale),
     }
 
@@ -122,11 +124,14 @@ ROW_NAME_WIDTH = 58
 
 def table(r: dict[str, Any]) -> str:
     """The table ``make bench`` prints: one row per measurement, then the verifier, overload,
-    forward-sweep and scale lines, then the targets."""
+    forward-sweep, scale and prompt-sharing lines, then the targets (prompt sharing's last)."""
+    shared = r.get("shared_prompt")  # absent from results written before the section
     return "\n".join([*_heading(r["meta"]), *_measurement_rows(r), "",
                       *_verifier_lines(r["verifier_pool"]), *_overload_lines(r["overload"]),
-                      *_sweep_and_scale_lines(r["limit"], r["scale"]), "",
-                      *target_lines(r["targets"], name_width=62, value_width=8)])
+                      *_sweep_and_scale_lines(r["limit"], r["scale"]),
+                      *(shared_prompt.rows(shared, ROW_NAME_WIDTH) if shared else []), "",
+                      *target_lines(r["targets"] + (shared["targets"] if shared else []),
+                                    name_width=62, value_width=8)])
 
 
 def _heading(meta: dict[str, Any]) -> list[str]:

@@ -20,6 +20,9 @@ On workloads derived from the real dev rollouts (``workload.py``), it measures, 
 * overload     a 10x burst against a small ``--max-queued-rollouts``: 429s and their
                Retry-After, p99 latency of accepted requests, RSS of the server tree
                (``overload.py``).
+* sharing      a group's prompt encoded once: long shared prompts, the service against the bare
+               per-text forward; the dev data as is, sharing on against off; a random
+               Qwen2-shaped RM of its own on CPU (``shared_prompt.py``, also runnable alone).
 
 Prints a table with PASS/MISS per target, writes ``bench/results/latest.json`` and
 ``bench/results/throughput.png`` (``report.py``). Every server runs on 127.0.0.1 in its own

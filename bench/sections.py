@@ -7,13 +7,15 @@ measure:
    reverse order when the plan says so, so drift over the run averages out;
 4. scale: (a) with 4 callers at the 1x, 4x and 16x workloads, back to back;
 5. core split: verifier workers against torch threads, one server per variant;
-6. the overload burst.
+6. the overload burst;
+7. prompt sharing (``shared_prompt.py``): its own causal RM, in process, the servers idle.
 
 A limit probe runs between measurements (``Plan.windows.probe_every``), and each measurement is
 then compared with the probes right before and after it."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import statistics
 import time
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import arms
+import shared_prompt
 from limit import BareForwardLimit
 from machine import cores, progress_log, torch_threads
 from measurement import Measurement, merged
@@ -72,6 +75,7 @@ class Findings:
     core_split_patterns: tuple[str, ...]
     verifier: dict[str, Any]
     overload: dict[str, Any]
+    shared_prompt: dict[str, Any]
     duration_s: float
     loadavg_start: float
 
@@ -229,6 +233,7 @@ class BenchRun:
             for client in self._clients:
                 await client.aclose()
         overload = await self.overload_section()
+        shared = await self.shared_prompt_section()
 
         self.attach_limits()
         keys = list(dict.fromkeys(m.key for m in self.measurements))
@@ -239,7 +244,8 @@ class BenchRun:
             limit=self.limit.summary(plan.max_batch_tokens, forward_sweep),
             measurements=self.measurements, variants=self.variants(),
             core_split_patterns=self.core_split_patterns, verifier=verifier, overload=overload,
-            duration_s=time.perf_counter() - started, loadavg_start=loadavg_start)
+            shared_prompt=shared, duration_s=time.perf_counter() - started,
+            loadavg_start=loadavg_start)
 
     # -- sections --------------------------------------------------------------------------
 
@@ -378,3 +384,12 @@ class BenchRun:
             f"at-capacity peak {over['rss_growth_over_capacity_peak_mb']} MB, retained "
             f"{over['rss_retained_mb']} MB")
         return over
+
+    async def shared_prompt_section(self) -> dict[str, Any]:
+        log("prompt sharing: long shared prompts vs the bare forward, the dev data on vs off")
+        # In a thread: the section runs its own event loop for the batcher's callers.
+        shared = await asyncio.to_thread(shared_prompt.measure, self.plan.shared_prompt,
+                                         self.options.data)
+        log(f"  service / bare {shared['long']['arms']['service_sharing']['x_reference']}, "
+            f"dev on / off {shared['dev']['arms']['service_sharing']['x_reference']}")
+        return shared

@@ -140,3 +140,33 @@ def test_group_store_bench_quick(tmp_path: Path) -> None:
     for port in ports:
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still served"
+
+
+def test_shared_prompt_bench_quick(tmp_path: Path) -> None:
+    """``bench/shared_prompt.py --quick``: its random Qwen2-shaped RM built and loaded with and
+    without prompt sharing; every arm scores every rollout as the reference does, and sharing
+    computes fewer tokens than the unshared forward on the same texts."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "shared_prompt.py"), "--quick", "--results-dir",
+         str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "shared_prompt.json").read_text())
+    assert (tmp_path / "shared_prompt.txt").read_text().strip() in proc.stdout
+    assert set(result["long"]["arms"]) == {"bare", "service_sharing", "service_unshared"}
+    assert set(result["dev"]["arms"]) == {"service_sharing", "service_unshared"}
+    for name in ("long", "dev"):
+        x = result[name]
+        workload = x["workload"]
+        assert workload["rollouts"] == 8 * workload["groups"] > 0
+        assert workload["shared_fraction"] > 0.9 and workload["prompt_tokens"] > 0
+        for arm, a in x["arms"].items():
+            assert a["rollouts_per_s"] > 0 and a["forwards"] > 0, (name, arm)
+            assert a["max_abs_score_diff"] <= 1e-3, (name, arm)
+        arms = x["arms"]
+        assert arms["service_sharing"]["computed_tokens"] < \
+            arms["service_unshared"]["computed_tokens"], name
+    # The long prompts are what sharing is for: far fewer tokens than the bare forward's.
+    long = result["long"]["arms"]
+    assert long["service_sharing"]["computed_tokens"] < 0.5 * long["bare"]["computed_tokens"]
+    assert [t["measured"] is not None for t in result["targets"]] == [True] * 3
+    assert result["targets"][2]["pass"], result["targets"][2]  # scores within 1e-3
