@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 from hero_client.schema import GroupResult
 from hero_client.vocabulary import DisagreementKind, VerifierStatus
@@ -78,10 +78,6 @@ def flagged_entries(request_id: Optional[str], group: GroupResult,
     return entries
 
 
-_STOP = object()
-_Item = Union[str, object]
-
-
 class _RotatingLines(logging.handlers.RotatingFileHandler):
     """A failed write raises to the writer thread (which counts it) instead of printing a
     traceback per line."""
@@ -102,7 +98,7 @@ class AuditLog:
         self.sample_rate = sample_rate
         self._metrics = metrics
         self._rng = rng or random.Random()
-        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_lines)
+        self._queue: queue.Queue[Optional[str]] = queue.Queue(maxsize=queue_lines)  # None: stop
         # Opened here, so an unwritable path is a start-up error rather than lost lines.
         self._handler = _RotatingLines(path, maxBytes=max_bytes, backupCount=backups,
                                        encoding="utf-8")
@@ -123,7 +119,7 @@ class AuditLog:
     def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         """Write what is queued (up to ``timeout_s``), then close the file."""
         try:
-            self._queue.put(_STOP, timeout=timeout_s)
+            self._queue.put(None, timeout=timeout_s)
         except queue.Full:
             log.warning("audit log %s: writer still busy after %.0f s; closing", self.path,
                         timeout_s)
@@ -134,7 +130,7 @@ class AuditLog:
         failing = False  # log the first failed write of a run of them, not every one
         while True:
             item = self._queue.get()
-            if item is _STOP:
+            if item is None:
                 return
             record = logging.LogRecord("hero_service.audit", logging.INFO, __file__, 0, item,
                                        None, None)
