@@ -19,7 +19,6 @@ import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -67,8 +66,12 @@ def cluster() -> Iterator[Cluster]:
                                    "--verifier-workers", "1"])
                     for _ in range(3)]
         try:
-            with ThreadPoolExecutor(len(replicas)) as pool:  # they load their models at once
-                list(pool.map(ServerProcess.start, replicas))
+            # Launched together so they load their models at once, from this (main) thread:
+            # each dies with the thread that started it.
+            for server in replicas:
+                server.start(wait=False)
+            for server in replicas:
+                server.wait_ready(server.ready_timeout_s)
             yield Cluster(redis, replicas)
         finally:
             for server in replicas:
