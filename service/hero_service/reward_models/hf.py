@@ -94,9 +94,12 @@ class HFRewardModel(RewardModel):
         self.shares_prefixes = why_not is None
         log.info("%s: prompt sharing %s", self.model_id,
                  "on" if why_not is None else f"off ({why_not})")
-        # The cache's keyword in this transformers version (``past_key_values`` before 5.x).
-        base_parameters = inspect.signature(self._base_model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in base_parameters else "past_key_values"
+        # The decoder's keyword for the cache in this transformers version (``past_key_values``
+        # before 5.x); only a model that shares prompts is asked (only it is a known decoder).
+        self._cache_kwarg = "cache"
+        if self.shares_prefixes and "cache" not in inspect.signature(
+                self._base_model.forward).parameters:
+            self._cache_kwarg = "past_key_values"
 
     @property
     def _base_model(self) -> torch.nn.Module:
