@@ -37,7 +37,7 @@ def default_reward_model(settings: Settings) -> RewardModel:
     return load_reward_model(
         settings.reward_model, device=settings.device, dtype=settings.dtype,
         max_length=settings.max_length, trust_remote_code=settings.trust_remote_code,
-        remote_timeout_s=settings.remote_timeout_s,
+        remote_timeout_s=settings.remote_timeout_s, share_prompts=settings.share_prompts,
     )
 
 

@@ -15,8 +15,10 @@ import pytest
 from chat_template_support import policy_tokenizer, render_prompt
 from support import build_tiny_decoder_rm
 
+from hero_service.app import default_reward_model
 from hero_service.batching import Batcher, batch_cost, pack_batches
 from hero_service.cli import add_settings_arguments, settings_from_args
+from hero_service.config import Settings
 from hero_service.metrics import Metrics
 from hero_service.reward_models import Encoded, ScoringItem, load_reward_model
 from hero_service.reward_models.base import SharedPrefix
@@ -198,6 +200,13 @@ def test_the_switch_turns_sharing_off_from_flag_and_environment(
     _, off = sharing_and_not(rm_dir)
     assert not off.shares_prefixes
     assert all(e.shared_prefix is None for e in off.encode(groups_of_varied_lengths()[0]))
+
+    # The service builds its model from the settings: the switch reaches it there too.
+    for share in (True, False):
+        served = default_reward_model(Settings(reward_model=f"hf:{rm_dir}", device="cpu",
+                                               share_prompts=share))
+        assert served.shares_prefixes is share
+        served.close()
 
 
 # -- the batcher: one prefix per forward, counted once -------------------------------------------
