@@ -574,6 +574,12 @@ def test_grafana_dashboard_uses_real_metrics():
         {n for n, t in known.items() if t in ("gauge", "counter")}
     unshown = {f for f in families if not any(u == f or u.startswith(f + "_") for u in used)}
     assert not unshown, f"metrics missing from the dashboard: {unshown}"
+    # The reward diagnostics of issue 14 by name (tests/service/test_disagreements.py checks
+    # them in a live /metrics).
+    diagnostics = {"hero_disagreements_total", "hero_group_weight_bucket", "hero_rewards_bucket",
+                   "hero_verifier_no_signal_groups_total", "hero_partial_groups_total",
+                   "hero_sigma_ref_by_run", "hero_audit_lines_total", "hero_audit_dropped_total"}
+    assert diagnostics <= used, diagnostics - used
     # The ConfigMap the monitoring component generates carries the file unchanged.
     for overlay in OVERLAYS:
         cm = only(rendered(overlay), "ConfigMap", "hero-rewards-grafana-dashboard")
