@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -96,15 +97,22 @@ def test_bench_quick_writes_every_section(tmp_path: Path) -> None:
     print(f"bench --quick took {elapsed:.0f}s")
 
 
+def run_quick(script: str, results: Path, *,
+              timeout_s: int) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """``bench/<script>.py --quick`` writing into ``results``: it must exit 0 and print the
+    table it saved; returns the process and the JSON it wrote."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / f"{script}.py"), "--quick", "--results-dir",
+         str(results)], cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (results / f"{script}.txt").read_text().strip() in proc.stdout
+    return proc, json.loads((results / f"{script}.json").read_text())
+
+
 def test_group_store_bench_quick(tmp_path: Path) -> None:
     """``bench/group_store.py --quick``: a real redis-server and two services (memory / Redis
     group store), both patterns measured on both, every group checked, every process gone."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "group_store.py"), "--quick", "--results-dir",
-         str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "group_store.json").read_text())
-    assert (tmp_path / "group_store.txt").read_text().strip() in proc.stdout
+    proc, result = run_quick("group_store", tmp_path, timeout_s=300)
     groups_per_round = result["meta"]["plan"]["groups"]
 
     checked = 0
@@ -146,12 +154,7 @@ def test_shared_prompt_bench_quick(tmp_path: Path) -> None:
     """``bench/shared_prompt.py --quick``: its random Qwen2-shaped RM built and loaded with and
     without prompt sharing; every arm scores every rollout as the reference does, and sharing
     computes fewer tokens than the unshared forward on the same texts."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "shared_prompt.py"), "--quick", "--results-dir",
-         str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "shared_prompt.json").read_text())
-    assert (tmp_path / "shared_prompt.txt").read_text().strip() in proc.stdout
+    proc, result = run_quick("shared_prompt", tmp_path, timeout_s=240)
     assert set(result["long"]["arms"]) == {"bare", "service_sharing", "service_unshared"}
     assert set(result["dev"]["arms"]) == {"service_sharing", "service_unshared"}
     for name in ("long", "dev"):
