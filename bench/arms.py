@@ -19,9 +19,10 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import metrics
+import psutil
 from machine import progress_log
 from measurement import Measurement
-from procs import Server
+from procs import Server, cpu_seconds
 from workload import BenchGroup, Rollout, Workload
 
 log = progress_log("bench")
@@ -74,13 +75,31 @@ async def service_counters(http: Any, url: str) -> dict[str, float]:
     return {key: metrics.total(text, name) for key, name in _SERVICE_COUNTERS.items()}
 
 
+def cpu_by_part(server: Server) -> dict[str, float]:
+    """CPU-seconds so far of the service's parts: its event-loop thread (the process's main
+    thread: HTTP, validation, the pipeline, JSON, the verifier pool's pipes), its other threads
+    (the RM forward on the inference thread and torch's, tokenization) and its child processes
+    (the verifier fork server and workers)."""
+    try:
+        root = psutil.Process(server.pid)
+        process = root.cpu_times()
+        loop = sum(t.user_time + t.system_time for t in root.threads() if t.id == server.pid)
+        children = [c.pid for c in root.children(recursive=True)]
+    except psutil.Error:  # the server is gone: the measurement's errors say so
+        return {"loop_cpu_s": 0.0, "other_threads_cpu_s": 0.0, "workers_cpu_s": 0.0}
+    return {"loop_cpu_s": loop, "other_threads_cpu_s": process.user + process.system - loop,
+            "workers_cpu_s": cpu_seconds(children)}
+
+
 async def measure_service(measurement: Measurement, server: Server, jobs: Iterator[Any],
                           send: Send, duration_s: float, http: Any) -> Measurement:
     """A closed loop against hero-rewards, with what its /metrics and CPU time say about it."""
     before = await service_counters(http, server.url)
+    parts0 = cpu_by_part(server)
     cpu0, client0 = server.cpu_seconds(), time.process_time()
     await closed_loop(measurement, jobs, send, duration_s)
     cpu1, client1 = server.cpu_seconds(), time.process_time()
+    parts1 = cpu_by_part(server)
     after = await service_counters(http, server.url)
     moved = {k: after[k] - before[k] for k in before}
     batches = moved["batch_size_count"]
@@ -92,7 +111,12 @@ async def measure_service(measurement: Measurement, server: Server, jobs: Iterat
         "deduplicated_rollouts": moved["deduplicated"],
         "server_cpu_s": cpu1 - cpu0,
         "client_cpu_s": client1 - client0,
+        **{part: parts1[part] - parts0[part] for part in parts0},
     }
+    per_request = measurement.cpu_ms_per_request()
+    if per_request:
+        log(f"  {measurement.key}: CPU ms per request: " + ", ".join(
+            f"{part} {ms:.2f}" for part, ms in per_request.items()))
     return measurement
 
 

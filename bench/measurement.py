@@ -12,7 +12,13 @@ from stats import percentile, rounded
 
 # Server figures that add up over repeated runs (the others are averaged).
 SUMMED_SERVER_FIGURES = {"server_cpu_s", "client_cpu_s", "forward_batches",
-                         "deduplicated_rollouts"}
+                         "deduplicated_rollouts", "loop_cpu_s", "other_threads_cpu_s",
+                         "workers_cpu_s"}
+# Where a request's CPU goes (Measurement.cpu_ms_per_request): the service's event-loop thread,
+# its verifier worker processes, its other threads (the RM forward, tokenization) and the
+# benchmark's own client, which shares the machine's cores.
+CPU_PARTS = {"event_loop": "loop_cpu_s", "verifier_workers": "workers_cpu_s",
+             "other_threads": "other_threads_cpu_s", "client": "client_cpu_s"}
 
 
 def latency_figures(latencies: Iterable[float]) -> dict[str, Optional[float]]:
@@ -55,6 +61,14 @@ class Measurement(Tally):
     workload: str = "1x"
     runs: list[dict[str, Any]] = field(default_factory=list)  # when measured more than once
 
+    def cpu_ms_per_request(self) -> dict[str, float]:
+        """CPU-ms per answered request by part (:data:`CPU_PARTS`); empty when not measured.
+        The host's own cost is the event loop and the verifier workers."""
+        if not self.requests or "loop_cpu_s" not in self.server:
+            return {}
+        return {part: 1000.0 * self.server.get(key, 0.0) / self.requests
+                for part, key in CPU_PARTS.items()}
+
     def as_json(self) -> dict[str, Any]:
         return {
             "system": self.system, "pattern": self.pattern, "concurrency": self.concurrency,
@@ -67,6 +81,7 @@ class Measurement(Tally):
             "limit_ref_rollouts_per_s": rounded(self.limit_ref),
             "ratio_to_limit": rounded(self.limit_ratio),
             "server": {k: round(v, 4) for k, v in self.server.items()},
+            "cpu_ms_per_request": {k: round(v, 3) for k, v in self.cpu_ms_per_request().items()},
             "loadavg_1m": round(self.loadavg, 2),
             "runs": self.runs,
         }
