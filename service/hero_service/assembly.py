@@ -154,8 +154,10 @@ class Assembler:
         every replica; singleton groups (sigma 0 by definition) do not move it."""
         sigma_ref = await self.store.sigma_value(run)
         scored = await self.pipeline.score(request, sigma_ref)
-        moved = await self.store.update_sigma(
-            run, [g.sigma for g in scored.groups if len(g.rewards) > 1])
+        sigmas = [g.sigma for g in scored.groups if len(g.rewards) > 1]
+        # A request of singletons (OpenRLHF's one query, no group size) moves nothing: no second
+        # store round trip for the value just read.
+        moved = await self.store.update_sigma(run, sigmas) if sigmas else sigma_ref
         self._on_sigma(run, moved)
         return scored
 
