@@ -13,6 +13,10 @@
 #   docker build --target cuda -t hero-rewards:0.1.0-cuda .
 #   podman build --format docker --target cpu -t hero-rewards:0.1.0-cpu .   # or buildah bud
 #
+#   # torch from a mirror, behind a TLS-intercepting proxy (see below):
+#   docker build --target cpu --build-arg TORCH_INDEX_URL=https://mirror.example/whl/cpu \
+#       --secret id=ca-bundle,src=/etc/ssl/certs/ca-certificates.crt -t hero-rewards:0.1.0-cpu .
+#
 # --format docker keeps the HEALTHCHECK (the OCI image format has no field for it). Build
 # arguments:
 #
