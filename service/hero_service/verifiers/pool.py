@@ -25,6 +25,7 @@ to it behind that one never started and go to another worker uncharged."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
 import logging
 import multiprocessing
@@ -74,6 +75,9 @@ CLOSE_TIMEOUT_S = 5.0
 _HEADER = struct.Struct("!i")
 _LARGE_HEADER = struct.Struct("!Q")
 _READ_BYTES = 1 << 16
+# A task pipe's capacity (Linux's default pipe-max-size): a chunk of 32 responses is ~40 KB on the
+# dev data, more than the default 64 KB pipe holds once responses run long.
+TASK_PIPE_BYTES = 1 << 20
 
 LossKind = Literal["timeout", "died"]
 
@@ -417,6 +421,7 @@ class ProcessWorkerPool:
         assert self._loop is not None
         task_r, task_w = os.pipe()
         result_r, result_w = os.pipe()
+        _widen(task_w)
         child_tasks = Connection(task_r, writable=False)
         child_results = Connection(result_w, readable=False)
         process = self._context.Process(
@@ -546,6 +551,19 @@ def _next_frame(buffer: bytearray) -> Optional[bytes]:
     payload = bytes(buffer[start:start + size])
     del buffer[:start + size]
     return payload
+
+
+def _widen(fd: int) -> None:
+    """Let the pipe hold a whole chunk (up to ``TASK_PIPE_BYTES``): a task written in part waits
+    for the event loop to write the rest, and a worker done with its current task would wait for
+    it too."""
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
+    if set_size is None:
+        return
+    try:
+        fcntl.fcntl(fd, set_size, TASK_PIPE_BYTES)
+    except OSError:  # above the system's pipe-max-size: the default size still works
+        pass
 
 
 def _close_fd(fd: int) -> None:
