@@ -3,9 +3,10 @@
 Responses from all concurrent requests go into one queue; a dispatcher keeps two chunks per
 worker in flight (the one a worker runs and the next, already in its pipe) and cuts the queue into
 chunks as workers free up. The queue is cut at the next turn of the event loop, so the responses
-of requests arriving together share chunks, and split evenly over the slots free at that moment,
-at most ``MAX_CHUNK`` each: an idle service sends small chunks at once (low latency), a busy one
-larger chunks (the pool's per-task cost spread over many responses).
+of requests arriving together share chunks, into slices of its length over every slot, at most
+``MAX_CHUNK``: an idle service sends small chunks at once (low latency), a busy one larger chunks
+(the pool's per-task cost spread over many responses), and the end of a burst goes out in ever
+thinner slices that keep every worker busy to the last.
 
 Each request waits on one future for all its responses, settled when its last verdict is in.
 
@@ -115,9 +116,10 @@ class MathVerifier(Verifier):
         slots = self.workers * CHUNKS_IN_FLIGHT_PER_WORKER
         if self._in_flight >= slots or not self._queue:
             return
-        # The queue split evenly over the slots free now: 16 responses and 2 free slots make two
-        # chunks of 8.
-        size = min(MAX_CHUNK, math.ceil(len(self._queue) / (slots - self._in_flight)))
+        # The queue as it is now, split evenly over every slot (at most MAX_CHUNK each): 16
+        # responses and 2 free slots make two chunks of 8; at the end of a burst, what is left
+        # goes out in slices, so no worker idles while another works through one long chunk.
+        size = min(MAX_CHUNK, math.ceil(len(self._queue) / slots))
         while self._queue and self._in_flight < slots:
             chunk = [self._queue.popleft() for _ in range(min(size, len(self._queue)))]
             chunk = [item for item in chunk if not item[0].future.done()]  # callers that left

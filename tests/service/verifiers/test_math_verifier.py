@@ -153,3 +153,23 @@ def test_requests_arriving_together_share_chunks():
     assert chunks == [8, 8]
     assert [v[0].status for v in verdicts] == [
         "correct" if i == i % 3 else "incorrect" for i in range(16)]
+
+
+def test_the_end_of_a_burst_goes_out_in_thinner_slices():
+    """200 responses, one worker (two slots): full chunks while the queue is long, then slices of
+    what is left over both slots, so the last chunk is small (no long last chunk to wait for)."""
+    async def go():
+        verifier = _ChunkRecordingVerifier(workers=1, timeout_s=2, max_tasks=500, memory_mb=2048)
+        await verifier.start()
+        try:
+            verdicts = await verifier.verify("7", [f"\\boxed{{{i % 9}}}" for i in range(200)])
+            return verdicts, verifier.chunks
+        finally:
+            await verifier.close()
+
+    verdicts, chunks = run(go())
+    assert [v.status for v in verdicts] == [
+        "correct" if i % 9 == 7 else "incorrect" for i in range(200)]
+    assert sum(chunks) == 200
+    assert chunks[:5] == [32] * 5
+    assert chunks == sorted(chunks, reverse=True) and chunks[-1] == 1
