@@ -173,6 +173,23 @@ def pack_batches(items: Sequence[Encoded], max_batch_tokens: int, *, padded: boo
                                       shares_prefixes=shares_prefixes)]
 
 
+@dataclass(frozen=True)
+class _Failure:
+    """What a failed forward said, without the exception itself (whose traceback keeps the
+    forward's tensors alive)."""
+
+    out_of_memory: bool
+    description: str
+    error: RewardModelError  # what the caller of a one-item batch gets
+
+    @classmethod
+    def of(cls, exc: Exception) -> _Failure:
+        description = f"{type(exc).__name__}: {exc}"
+        message = str(exc) if isinstance(exc, RewardModelError) else (
+            f"reward model failed: {description}")
+        return cls(is_out_of_memory(exc), description, RewardModelError(message))
+
+
 class Batcher:
     def __init__(
         self,
@@ -357,26 +374,27 @@ class Batcher:
                                     max(exc.retry_after_s or 0, self.breaker.retry_after_s()))
             return [exc] * len(batch)
         except Exception as exc:
-            self.breaker.record_success()  # the backend answered; the failure is about inputs
-            if len(batch) == 1:
-                if is_out_of_memory(exc):
-                    release_cached_memory()
-                log.error("reward model failed on one input: %s: %s", type(exc).__name__, exc)
-                error = exc if isinstance(exc, RewardModelError) else RewardModelError(
-                    f"reward model failed: {type(exc).__name__}: {exc}")
-                return [error]
-            if is_out_of_memory(exc):
-                release_cached_memory()
-                self.metrics.oom_splits.inc()
-                log.warning("out of memory on a batch of %d; splitting and retrying", len(batch))
-            else:
-                self.metrics.failure_splits.inc()
-                log.warning("reward model failed on a batch of %d (%s: %s); splitting to isolate "
-                            "the input", len(batch), type(exc).__name__, exc)
-            half = len(batch) // 2
-            return self._score_isolating(batch[:half]) + self._score_isolating(batch[half:])
-        self.breaker.record_success()
-        return scores
+            failure = _Failure.of(exc)
+        else:
+            self.breaker.record_success()
+            return scores
+        # Out of the except block: the exception's traceback held the failed forward's frames
+        # and so its tensors (PyTorch's FAQ on OOM handlers); now they can be freed for the retry.
+        self.breaker.record_success()  # the backend answered; the failure is about inputs
+        if failure.out_of_memory:
+            release_cached_memory()
+        if len(batch) == 1:
+            log.error("reward model failed on one input: %s", failure.description)
+            return [failure.error]
+        if failure.out_of_memory:
+            self.metrics.oom_splits.inc()
+            log.warning("out of memory on a batch of %d; splitting and retrying", len(batch))
+        else:
+            self.metrics.failure_splits.inc()
+            log.warning("reward model failed on a batch of %d (%s); splitting to isolate the "
+                        "input", len(batch), failure.description)
+        half = len(batch) // 2
+        return self._score_isolating(batch[:half]) + self._score_isolating(batch[half:])
 
     def _refused(self, retry_after_s: int) -> RewardModelUnavailable:
         return RewardModelUnavailable(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 
 import pytest
@@ -220,6 +221,42 @@ def test_out_of_memory_splits_the_batch_and_retries():
     assert [s.score for s in scored] == [expected(t) for t in texts]
     assert all(len(b) <= 2 for b in model.batches)
     assert metrics.oom_splits._value.get() >= 3  # 8 -> 4+4 -> 2+2+2+2
+
+
+class TensorHoldingModel(RecordingModel):
+    """Allocates its activations before running out of memory, as a real forward does: each
+    failed attempt's tensor is alive only as long as something (a traceback) holds its frame."""
+
+    def __init__(self, oom_above: int) -> None:
+        super().__init__(oom_above=oom_above)
+        self.failed_activations: list[weakref.ref[torch.Tensor]] = []
+        self.alive_at_each_retry: list[int] = []
+
+    def forward(self, batch: Sequence[Encoded]) -> list[float]:
+        self.alive_at_each_retry.append(sum(r() is not None for r in self.failed_activations))
+        activations = torch.zeros(len(batch), 1024)
+        if len(batch) > (self.oom_above or 0):
+            self.failed_activations.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().forward(batch)
+
+
+def test_the_retry_after_out_of_memory_runs_with_the_failed_forwards_memory_freed():
+    model = TensorHoldingModel(oom_above=2)
+    batcher = make_batcher(model, max_batch_tokens=4096, max_wait_ms=30)
+    texts = [f"answer {i}" for i in range(8)]
+
+    async def go():
+        return await batcher.score(model.encode(items(texts)))
+
+    try:
+        scored = asyncio.run(go())
+    finally:
+        batcher.stop()
+    assert [s.score for s in scored] == [expected(t) for t in texts]
+    assert len(model.failed_activations) == 3  # 8 -> 4 + 4 -> 2 + 2 + 2 + 2
+    # Handled inside the except block, the retries would see 1, 2, ... failed tensors alive.
+    assert model.alive_at_each_retry == [0] * len(model.alive_at_each_retry)
 
 
 def test_backend_failure_fails_only_that_batch():
