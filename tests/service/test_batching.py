@@ -205,20 +205,21 @@ def test_identical_inputs_are_scored_once():
     assert sum(b.count("the same answer") for b in model.batches) == 1
 
 
+def score_in_one_batch(model: RewardModel, texts: Sequence[str], **options) -> list[float]:
+    """Score ``texts`` through a batcher that takes them as one batch."""
+    batcher = make_batcher(model, max_batch_tokens=4096, max_wait_ms=30, **options)
+    try:
+        scored = asyncio.run(batcher.score(model.encode(items(texts))))
+    finally:
+        batcher.stop()
+    return [s.score for s in scored]
+
+
 def test_out_of_memory_splits_the_batch_and_retries():
     model = RecordingModel(oom_above=2)
     metrics = Metrics()
-    batcher = make_batcher(model, max_batch_tokens=4096, max_wait_ms=30, metrics=metrics)
     texts = [f"answer {i}" for i in range(8)]
-
-    async def go():
-        return await batcher.score(model.encode(items(texts)))
-
-    try:
-        scored = asyncio.run(go())
-    finally:
-        batcher.stop()
-    assert [s.score for s in scored] == [expected(t) for t in texts]
+    assert score_in_one_batch(model, texts, metrics=metrics) == [expected(t) for t in texts]
     assert all(len(b) <= 2 for b in model.batches)
     assert metrics.oom_splits._value.get() >= 3  # 8 -> 4+4 -> 2+2+2+2
 
@@ -243,17 +244,8 @@ class TensorHoldingModel(RecordingModel):
 
 def test_the_retry_after_out_of_memory_runs_with_the_failed_forwards_memory_freed():
     model = TensorHoldingModel(oom_above=2)
-    batcher = make_batcher(model, max_batch_tokens=4096, max_wait_ms=30)
     texts = [f"answer {i}" for i in range(8)]
-
-    async def go():
-        return await batcher.score(model.encode(items(texts)))
-
-    try:
-        scored = asyncio.run(go())
-    finally:
-        batcher.stop()
-    assert [s.score for s in scored] == [expected(t) for t in texts]
+    assert score_in_one_batch(model, texts) == [expected(t) for t in texts]
     assert len(model.failed_activations) == 3  # 8 -> 4 + 4 -> 2 + 2 + 2 + 2
     # Handled inside the except block, the retries would see 1, 2, ... failed tensors alive.
     assert model.alive_at_each_retry == [0] * len(model.alive_at_each_retry)
