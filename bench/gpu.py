@@ -89,6 +89,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import torch  # noqa: E402
 from machine import cpu_model, git_commit, progress_log  # noqa: E402
 from metrics import total  # noqa: E402
+from rm_stage import Delegating, score_request  # noqa: E402
 from shared_prompt import few_shot_block  # noqa: E402
 from targets import AT_MOST, target, target_lines  # noqa: E402
 from workload import letters, load_rows  # noqa: E402
@@ -311,19 +312,13 @@ def describe(model: RewardModel, groups: Sequence[Group]) -> dict[str, Any]:
 # -- the arms -----------------------------------------------------------------------------------
 
 
-class Counted(RewardModel):
+class Counted(Delegating):
     """Delegates to ``inner``, counting its forwards and what they computed: ``computed`` the
     real tokens (a shared prefix once, no padding), ``padded`` what the batcher charged; with a
     CUDA ``device``, the memory allocated as each attempt starts (what earlier ones left)."""
 
     def __init__(self, inner: RewardModel, device: Optional[torch.device] = None) -> None:
-        self.inner = inner
-        self.model_id = inner.model_id
-        self.max_tokens = inner.max_tokens
-        self.device_type = inner.device_type
-        self.padded = inner.padded
-        self.max_batch_size = inner.max_batch_size
-        self.shares_prefixes = inner.shares_prefixes
+        super().__init__(inner)
         self.cuda = device if device is not None and device.type == "cuda" else None
         self.forwards = 0
         self.computed = 0
@@ -331,9 +326,6 @@ class Counted(RewardModel):
         self.failed_sizes: list[int] = []
         self.sizes: list[int] = []
         self.attempts: list[dict[str, Any]] = []
-
-    def encode(self, items: Sequence[ScoringItem]) -> list[Encoded]:
-        return self.inner.encode(items)
 
     def forward(self, batch: Sequence[Encoded]) -> list[float]:
         attempt: dict[str, Any] = {"size": len(batch), "ok": False}
@@ -452,19 +444,6 @@ def trl_arm(model: RewardModel, groups: Sequence[Group],
     return lambda: timed(model, device, lambda m: on_thread(lambda: body(m)))
 
 
-async def pipeline_rm_stage(batcher: Batcher, model: RewardModel,
-                            items: list[ScoringItem]) -> list[tuple[Hashable, float]]:
-    """What the pipeline's RM stage does for one request (pipeline.py
-    ``_reward_model_scores``): announce, encode in a worker thread, withdraw, score."""
-    batcher.announce(len(items))
-    try:
-        encoded = await asyncio.to_thread(model.encode, items)
-    finally:
-        batcher.withdraw(len(items))
-    scored = await batcher.score(encoded)
-    return [(e.key, s.score) for e, s in zip(encoded, scored)]
-
-
 def score_through_batcher(model: RewardModel, requests: Sequence[list[ScoringItem]],
                           callers: int, budget: int, max_wait_ms: float = 5.0
                           ) -> tuple[dict[Hashable, float], Metrics]:
@@ -477,7 +456,7 @@ def score_through_batcher(model: RewardModel, requests: Sequence[list[ScoringIte
 
     async def caller(mine: Sequence[list[ScoringItem]]) -> None:
         for items in mine:
-            scores.update(await pipeline_rm_stage(batcher, model, items))
+            scores.update(await score_request(batcher, model, items))
 
     async def all_callers() -> None:
         await asyncio.gather(*(caller(requests[c::callers]) for c in range(callers)))
@@ -609,22 +588,13 @@ def score_tolerance(dtype: torch.dtype, reference: Sequence[float]) -> float:
 # -- the out-of-memory split --------------------------------------------------------------------
 
 
-class CpuOutOfMemoryStandIn(RewardModel):
+class CpuOutOfMemoryStandIn(Delegating):
     """On CPU no allocator cap exists: past ``cap_tokens`` padded tokens a forward raises the
     same ``torch.OutOfMemoryError`` the CUDA allocator raises, before any work."""
 
     def __init__(self, inner: RewardModel, cap_tokens: int) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.cap_tokens = cap_tokens
-        self.model_id = inner.model_id
-        self.max_tokens = inner.max_tokens
-        self.device_type = inner.device_type
-        self.padded = inner.padded
-        self.max_batch_size = inner.max_batch_size
-        self.shares_prefixes = inner.shares_prefixes
-
-    def encode(self, items: Sequence[ScoringItem]) -> list[Encoded]:
-        return self.inner.encode(items)
 
     def forward(self, batch: Sequence[Encoded]) -> list[float]:
         cost = batch_cost(batch, padded=self.padded, shares_prefixes=self.shares_prefixes)

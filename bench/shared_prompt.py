@@ -252,14 +252,10 @@ def through_batcher(model: Any, groups: Sequence[Group],
         scores: dict[Any, float] = {}
 
         async def caller(mine: Sequence[list[Any]]) -> None:
+            from rm_stage import score_request
+
             for items in mine:
-                batcher.announce(len(items))
-                try:
-                    encoded = await asyncio.to_thread(model.encode, items)
-                finally:
-                    batcher.withdraw(len(items))
-                scored = await batcher.score(encoded)
-                scores.update(zip((e.key for e in encoded), (s.score for s in scored)))
+                scores.update(await score_request(batcher, model, items))
 
         async def all_callers() -> None:
             await asyncio.gather(*(caller(requests[c::CALLERS]) for c in range(CALLERS)))
