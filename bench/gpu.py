@@ -89,7 +89,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import torch  # noqa: E402
 from machine import cpu_model, git_commit, progress_log  # noqa: E402
 from metrics import total  # noqa: E402
-from rm_stage import Delegating, score_request  # noqa: E402
+from rm_stage import Delegating, score_through_batcher  # noqa: E402
 from shared_prompt import few_shot_block  # noqa: E402
 from targets import AT_MOST, target, target_lines  # noqa: E402
 from workload import letters, load_rows  # noqa: E402
@@ -442,30 +442,6 @@ def trl_arm(model: RewardModel, groups: Sequence[Group],
         return scores
 
     return lambda: timed(model, device, lambda m: on_thread(lambda: body(m)))
-
-
-def score_through_batcher(model: RewardModel, requests: Sequence[list[ScoringItem]],
-                          callers: int, budget: int, max_wait_ms: float = 5.0
-                          ) -> tuple[dict[Hashable, float], Metrics]:
-    """``callers`` concurrent callers, caller c sending requests c, c + callers, ... one after
-    the other, through a real Batcher (its inference thread owns the model)."""
-    metrics = Metrics()
-    batcher = Batcher(model, max_batch_tokens=budget, max_wait_ms=max_wait_ms, metrics=metrics)
-    batcher.start()
-    scores: dict[Hashable, float] = {}
-
-    async def caller(mine: Sequence[list[ScoringItem]]) -> None:
-        for items in mine:
-            scores.update(await score_request(batcher, model, items))
-
-    async def all_callers() -> None:
-        await asyncio.gather(*(caller(requests[c::callers]) for c in range(callers)))
-
-    try:
-        asyncio.run(all_callers())
-    finally:
-        batcher.stop()
-    return scores, metrics
 
 
 def service_arm(model: RewardModel, groups: Sequence[Group], per_sample: bool, callers: int,

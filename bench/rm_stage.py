@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Hashable, Sequence
 
 from hero_service.batching import Batcher
+from hero_service.metrics import Metrics
 from hero_service.reward_models import Encoded, RewardModel, ScoringItem
 
 
@@ -41,3 +42,27 @@ class Delegating(RewardModel):
 
     def forward(self, batch: Sequence[Encoded]) -> list[float]:
         return self.inner.forward(batch)
+
+
+def score_through_batcher(model: RewardModel, requests: Sequence[list[ScoringItem]],
+                          callers: int, budget: int, max_wait_ms: float = 5.0
+                          ) -> tuple[dict[Hashable, float], Metrics]:
+    """``callers`` concurrent callers, caller c sending requests c, c + callers, ... one after
+    the other, through a real Batcher (its inference thread owns the model)."""
+    metrics = Metrics()
+    batcher = Batcher(model, max_batch_tokens=budget, max_wait_ms=max_wait_ms, metrics=metrics)
+    batcher.start()
+    scores: dict[Hashable, float] = {}
+
+    async def caller(mine: Sequence[list[ScoringItem]]) -> None:
+        for items in mine:
+            scores.update(await score_request(batcher, model, items))
+
+    async def all_callers() -> None:
+        await asyncio.gather(*(caller(requests[c::callers]) for c in range(callers)))
+
+    try:
+        asyncio.run(all_callers())
+    finally:
+        batcher.stop()
+    return scores, metrics

@@ -33,7 +33,6 @@ Scores of every arm are compared per rollout with the bare forward's."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
@@ -239,34 +238,15 @@ class _Counting:
 def through_batcher(model: Any, groups: Sequence[Group],
                     max_batch_tokens: int) -> Callable[[], ArmRun]:
     """The real batcher, 4 concurrent callers, one group per request, encoding on the clock."""
-    from hero_service.batching import Batcher
-    from hero_service.metrics import Metrics
-
     requests = scoring_items(groups)
 
     def run() -> ArmRun:
+        from rm_stage import score_through_batcher
+
         counting = _Counting(model)
-        batcher = Batcher(counting, max_batch_tokens=max_batch_tokens,  # type: ignore[arg-type]
-                          max_wait_ms=5.0, metrics=Metrics())
-        batcher.start()
-        scores: dict[Any, float] = {}
-
-        async def caller(mine: Sequence[list[Any]]) -> None:
-            from rm_stage import score_request
-
-            for items in mine:
-                scores.update(await score_request(batcher, model, items))
-
-        async def all_callers() -> None:
-            await asyncio.gather(*(caller(requests[c::CALLERS]) for c in range(CALLERS)))
-
-        try:
-            started = time.perf_counter()
-            asyncio.run(all_callers())
-            seconds = time.perf_counter() - started
-        finally:
-            batcher.stop()
-        return ArmRun(seconds, scores, counting.forwards, counting.tokens)
+        started = time.perf_counter()
+        scores, _ = score_through_batcher(counting, requests, CALLERS, max_batch_tokens)
+        return ArmRun(time.perf_counter() - started, scores, counting.forwards, counting.tokens)
 
     return run
 
