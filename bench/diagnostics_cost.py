@@ -38,7 +38,7 @@ from hero_service.metrics import Metrics
 DATA = Path(os.environ.get("HERO_DEV_DATA", Path(__file__).resolve().parents[2] / "shared"
                            / "data" / "math-rollouts-dev.jsonl"))
 BOXED = "\\boxed{"
-PLANTED_ANSWER = "-987654321"
+PLANTED_ANSWER = "-987654321"  # nothing in MATH's dev answers equals this
 TARGET = 0.97
 
 

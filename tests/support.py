@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import httpx
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from hero_service.config import Settings
+    from hero_service.state import Service
 
 DEV_DATA = Path(os.environ.get(
     "HERO_DEV_DATA", REPO.parent / "shared" / "data" / "math-rollouts-dev.jsonl"))
@@ -159,6 +160,28 @@ async def started_app(settings: Settings) -> AsyncIterator[FastAPI]:
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         yield app
+
+
+def started_app_fixture(settings: Settings) -> Any:
+    """A module-scoped fixture (assign it to ``app`` in the test module): the app built from
+    ``settings``, started once for the module's tests."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    async def app() -> AsyncIterator[FastAPI]:
+        async with started_app(settings) as started:
+            yield started
+
+    return app
+
+
+def app_service(app: FastAPI) -> Service:
+    """The started app's typed service state."""
+    from hero_service.state import Service
+
+    service = app.state.service
+    assert isinstance(service, Service)
+    return service
 
 
 def asgi_client(app: FastAPI) -> httpx.AsyncClient:

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from diagnostics_cost import BOXED, PLANTED_ANSWER, rewrite_boxed  # bench/
 from prometheus_client.parser import text_string_to_metric_families
 from support import ServerProcess
 
@@ -25,22 +26,6 @@ from hero_service.audit import TAIL_CHARS
 from hero_service.http.openrlhf import LOG_KEYS, QueryResult, build_response
 
 FN, FP = "likely_false_negative", "likely_false_positive"
-# Nothing in MATH's dev answers equals this.
-PLANTED_ANSWER = "-987654321"
-BOXED = "\\boxed{"
-
-
-def rewrite_boxed(text: str, answer: str) -> str:
-    """Every ``\\boxed{...}`` (nested braces included) of ``text`` with ``answer`` inside."""
-    out, at = [], 0
-    while (start := text.find(BOXED, at)) >= 0:
-        end, depth = start + len(BOXED), 1
-        while depth and end < len(text):
-            depth += {"{": 1, "}": -1}.get(text[end], 0)
-            end += 1
-        out += [text[at:start], BOXED, answer, "}"]
-        at = end
-    return "".join(out + [text[at:]])
 
 
 @dataclass(frozen=True)

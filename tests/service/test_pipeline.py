@@ -5,12 +5,12 @@ verifier ∥ RM, the permit released on every way out, and score = score_locally
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import pytest
 from fastapi import FastAPI
-from support import started_app
+from support import app_service, started_app_fixture
 
 from hero_client import hero
 from hero_client.schema import RewardsRequest
@@ -19,7 +19,6 @@ from hero_service.errors import InputError, Overloaded, ScoringUnavailable, TooM
 from hero_service.metrics import Metrics
 from hero_service.pipeline import Pipeline
 from hero_service.reward_models import ScoringItem
-from hero_service.state import Service
 from hero_service.verifiers import ExactVerifier, Verdict, Verifier
 
 pytestmark = pytest.mark.anyio
@@ -29,17 +28,14 @@ SETTINGS = Settings(verifier_workers=1, max_groups=3, max_responses_per_group=4,
 PROMPT = "What is 2+2?"
 
 
-@pytest.fixture(scope="module")
-async def app() -> AsyncIterator[FastAPI]:
-    async with started_app(SETTINGS) as app:
-        yield app
+app = started_app_fixture(SETTINGS)
 
 
 @pytest.fixture
 def pipeline(app: FastAPI) -> Pipeline:
-    service = app.state.service
-    assert isinstance(service, Service) and service.runtime is not None
-    return service.runtime.pipeline
+    runtime = app_service(app).runtime
+    assert runtime is not None
+    return runtime.pipeline
 
 
 def with_verifier(pipeline: Pipeline, verifier: Verifier) -> Pipeline:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from fastapi import FastAPI
-from support import asgi_client, started_app
+from support import app_service, asgi_client, started_app_fixture
 
 from hero_service.config import Settings
 from hero_service.state import Service
@@ -26,17 +26,12 @@ SCORE = {"groups": [{"prompt": "What is 2+2?", "reference": "4",
                      "responses": ["\\boxed{4}", "\\boxed{5}"]}]}
 
 
-@pytest.fixture(scope="module")
-async def app() -> AsyncIterator[FastAPI]:
-    async with started_app(SETTINGS) as app:
-        yield app
+app = started_app_fixture(SETTINGS)
 
 
 @pytest.fixture
 def service(app: FastAPI) -> Service:
-    service = app.state.service
-    assert isinstance(service, Service)
-    return service
+    return app_service(app)
 
 
 @pytest.fixture
