@@ -122,8 +122,8 @@ def test_killed_worker_mid_task_is_retried_and_the_request_completes(hostile_ser
 
 
 def test_service_heals_when_idle_workers_are_killed(hostile_server, figures):
-    """A worker killed while idle (the OOM killer, an operator) breaks a pebble pool for good;
-    the service starts a new pool and keeps scoring."""
+    """A worker killed while idle (the OOM killer, an operator) is replaced (a pebble pool, used
+    before, broke for good here); the service keeps scoring."""
     srv = hostile_server
     assert score(srv, ["\\boxed{7}"]).status_code == 200
     server = psutil.Process(srv.proc.pid)
