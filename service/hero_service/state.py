@@ -126,7 +126,8 @@ class Service:
         return self.group_store
 
 
-def service_of(request: Request) -> Service:
+async def service_of(request: Request) -> Service:
+    # async: FastAPI runs a plain ``def`` dependency in a worker thread (two hand-offs a request).
     """The app's service (a FastAPI dependency)."""
     service = request.app.state.service
     assert isinstance(service, Service)

@@ -73,7 +73,7 @@ class ApiKeyAuth:
         await send({"type": "http.response.body", "body": body})
 
 
-def require_api_key(
+async def require_api_key(
     request: Request,
     _bearer: Optional[HTTPAuthorizationCredentials] = Security(bearer_scheme),
     _header: Optional[str] = Security(api_key_header),

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Optional, get_args
 
-from fastapi import APIRouter, Depends, Query, Request, Response, Security
-from fastapi.security import HTTPAuthorizationCredentials
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from hero_client.schema import (
     ErrorResponse,
@@ -24,7 +23,7 @@ from ..errors import InputError, NotReady, ServiceError
 from ..group_store.base import MAX_ID_CHARS
 from ..redaction import redact_text
 from ..state import Service, service_of
-from .auth import api_key_header, bearer_scheme, require_api_key
+from .auth import require_api_key
 from .errors import error_response
 
 router = APIRouter()
@@ -33,23 +32,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 503)}
 
 
-# FastAPI runs a plain ``def`` dependency in a worker thread: a thread hand-off (and back) on
-# every request for what is a lookup. These run the same checks on the event loop.
-async def _service(request: Request) -> Service:
-    return service_of(request)
-
-
-async def _api_key(request: Request,
-                   bearer: Optional[HTTPAuthorizationCredentials] = Security(bearer_scheme),
-                   header: Optional[str] = Security(api_key_header)) -> None:
-    require_api_key(request, bearer, header)
-
-
-ServiceDep = Annotated[Service, Depends(_service)]
+ServiceDep = Annotated[Service, Depends(service_of)]
 
 
 @router.post("/v1/rewards", response_model=RewardsResponse, responses=_ERRORS,
-             dependencies=[Depends(_api_key)])
+             dependencies=[Depends(require_api_key)])
 async def rewards(
     body: RewardsRequest, request: Request, service: ServiceDep,
     run: str = Query("default", min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[^\x00-\x1f]+$",
@@ -80,7 +67,7 @@ def _stop_check(service: Service, request: Request) -> StopCheck:
 
 
 @router.post("/get_reward", response_model=GetRewardResponse, responses=_ERRORS,
-             dependencies=[Depends(_api_key)])
+             dependencies=[Depends(require_api_key)])
 async def get_reward(
     body: GetRewardRequest, request: Request, service: ServiceDep,
     n: Optional[int] = Query(None, ge=0, description="group size for this trainer (overrides "
