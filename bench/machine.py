@@ -65,3 +65,10 @@ def git_commit() -> Optional[str]:
                               text=True, cwd=REPO, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def client_http_backend() -> str:
+    """What the benchmark's callers send through: AsyncHeroClient's "auto" backend here."""
+    from hero_client._transport import resolve_backend
+
+    return resolve_backend("auto")

@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import shared_prompt
-from machine import cores, cpu_model, git_commit, gpu_name, torch_threads, torch_version
+from machine import (
+    client_http_backend,
+    cores,
+    cpu_model,
+    git_commit,
+    gpu_name,
+    torch_threads,
+    torch_version,
+)
 from measurement import Measurement
 from sections import Findings
 from targets import AT_LEAST, BELOW, target, target_lines
@@ -53,6 +61,7 @@ def results(found: Findings) -> dict[str, Any]:
             "loadavg_1m_start": round(found.loadavg_start, 2),
             "loadavg_1m_end": round(os.getloadavg()[0], 2),
             "git_commit": git_commit(),
+            "client_http_backend": client_http_backend(),
         },
         "workloads": {w.name: {"groups": w.n_groups, "group_size": w.group_size,
                                "rollouts": w.n_rollouts,
@@ -127,7 +136,8 @@ def table(r: dict[str, Any]) -> str:
     forward-sweep, scale and prompt-sharing lines, then the targets (prompt sharing's last)."""
     shared = r.get("shared_prompt")  # absent from results written before the section
     return "\n".join([*_heading(r["meta"]), *_measurement_rows(r), "",
-                      *_verifier_lines(r["verifier_pool"]), *_overload_lines(r["overload"]),
+                      *_host_cpu_lines(r), *_verifier_lines(r["verifier_pool"]),
+                      *_overload_lines(r["overload"]),
                       *_sweep_and_scale_lines(r["limit"], r["scale"]),
                       *(shared_prompt.rows(shared, ROW_NAME_WIDTH) if shared else []), "",
                       *target_lines(r["targets"] + (shared["targets"] if shared else []),
@@ -204,6 +214,25 @@ def _measurement_rows(r: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _host_cpu_lines(r: dict[str, Any]) -> list[str]:
+    """Where a one-response request's CPU goes (issue 13's per-sample host cost): the
+    service's event loop and verifier workers, the benchmark's own client on the same cores,
+    and the threads that tokenize and run the forward (per rollout, the limit's work)."""
+    backend = r["meta"].get("client_http_backend", "httpx")
+    lines = [f"host CPU per request, 1 response per /get_reward (ms; client: AsyncHeroClient "
+             f"on {backend}):"]
+    for c, x in r["hero_rewards"]["one_response"].items():
+        ms = x.get("cpu_ms_per_request")
+        if not ms:
+            continue
+        host = ms["event_loop"] + ms["verifier_workers"]
+        lines.append(f"  C={c}: event loop {ms['event_loop']:.2f} + verifier workers "
+                     f"{ms['verifier_workers']:.2f} = host {host:.2f}; client "
+                     f"{ms['client']:.2f}; tokenize + forward threads "
+                     f"{ms['other_threads']:.1f}")
+    return lines if len(lines) > 1 else []
+
+
 def _verifier_lines(v: dict[str, Any]) -> list[str]:
     lines = [f"verifier ({v['workload']}, {v['responses']} responses × {v['rounds']} rounds): "
              f"one process {v['single_responses_per_s']:.0f}/s; service's MathVerifier, "
@@ -213,6 +242,12 @@ def _verifier_lines(v: dict[str, Any]) -> list[str]:
              f"{v['pool']['cores_busy']:.2f} of {v['cores']} cores, "
              f"{v['pool']['cpu_s_per_1k']:.2f} vs {v['single']['cpu_s_per_1k']:.2f} "
              f"CPU-s per 1k responses"]
+    if "independent" in v:  # results written before the arm have none
+        lines.append(f"  {v['cores']} independent processes (no pool, each its share "
+                     f"sequentially): {v['independent']['responses_per_s']:.0f}/s → "
+                     f"{v['ratio_independent_to_single_x_cores']:.2f} of single × {v['cores']} "
+                     f"(the machine's ceiling); pool / independent = "
+                     f"{v['ratio_pool_to_independent']:.2f}")
     for size, x in v["sweep"].items():
         lines.append(f"  bare pool, chunks of {size}: {x['responses_per_s']:.0f}/s → "
                      f"{x['ratio_to_single_x_cores']:.2f} of single × {v['cores']}; workers busy "

@@ -5,8 +5,10 @@ same-reference chunks of fixed sizes, as evidence of what the pool itself can do
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import time
+from multiprocessing.connection import Connection
 from typing import Any
 
 import psutil
@@ -34,6 +36,60 @@ def same_reference_chunks(groups: list[BenchGroup], size: int) -> list[tuple[str
     return out
 
 
+def _independent_verifier(conn: Connection, chunks: list[tuple[str, list[str]]],
+                          timeout_s: int) -> None:
+    """One of the ``independent`` arm's processes: on each "go", ``verify_chunk`` over its
+    share, sequentially, then (when it finished, its CPU-s). No pool, no pipes per task: what
+    the machine's cores give to processes that never wait on each other."""
+    from hero_service.verifiers._math_worker import verify_chunk
+
+    for reference, responses in chunks[:20]:  # imports, first parses
+        verify_chunk(reference, responses, timeout_s)
+    conn.send("ready")
+    while conn.recv() == "go":
+        cpu0 = time.process_time()
+        for reference, responses in chunks:
+            verify_chunk(reference, responses, timeout_s)
+        conn.send((time.perf_counter(), time.process_time() - cpu0))
+
+
+class IndependentVerifiers:
+    """``cores`` spawned processes, each verifying its share of the groups (every cores-th)
+    when told to; the round's wall time is the first "go" to the last one done."""
+
+    def __init__(self, groups: list[BenchGroup], processes: int, timeout_s: int) -> None:
+        context = multiprocessing.get_context("spawn")  # this process holds torch's threads
+        self.conns: list[Connection] = []
+        self.procs = []
+        for k in range(processes):
+            parent, child = context.Pipe()
+            share = [(g.reference, list(g.responses)) for g in groups[k::processes]]
+            proc = context.Process(target=_independent_verifier, args=(child, share, timeout_s),
+                                   daemon=True)
+            proc.start()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        for conn in self.conns:
+            if not conn.poll(120) or conn.recv() != "ready":
+                raise RuntimeError("an independent verifier process did not start")
+
+    def round(self) -> tuple[float, float]:
+        """(wall seconds, CPU-seconds of all processes) of one pass over the groups."""
+        t0 = time.perf_counter()
+        for conn in self.conns:
+            conn.send("go")
+        done = [conn.recv() for conn in self.conns]
+        return max(end for end, _ in done) - t0, sum(cpu for _, cpu in done)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.send("stop")
+        for proc in self.procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+
+
 async def verifier_pool(workload: Workload, rounds: int,
                         sweep: tuple[int, ...]) -> dict[str, Any]:
     """The service's verifier as shipped (``MathVerifier``, one worker per core, every group of
@@ -58,11 +114,13 @@ async def verifier_pool(workload: Workload, rounds: int,
                             memory_mb=settings.verifier_memory_mb)
     await verifier.start()
     pool = ProcessWorkerPool(cores, settings.verifier_max_tasks, settings.verifier_memory_mb)
-    runs: dict[str, list[dict[str, float]]] = {"single": [], "service": []}
+    independent: IndependentVerifiers | None = None
+    runs: dict[str, list[dict[str, float]]] = {"single": [], "independent": [], "service": []}
     for size in sweep:
         runs[f"chunk_{size}"] = []
     correct = 0
     try:
+        independent = IndependentVerifiers(groups, cores, timeout_s)
         warm = workload.groups(1)[:50]  # imports, first parses, the reference caches
         for g in warm:
             verify_chunk(g.reference, list(g.responses), timeout_s)
@@ -82,6 +140,10 @@ async def verifier_pool(workload: Workload, rounds: int,
                 verify_chunk(g.reference, list(g.responses), timeout_s)
             record("single", t0, time.process_time() - cpu0, time.process_time() - cpu0)
 
+            wall, cpu = independent.round()
+            runs["independent"].append({"per_s": n / wall, "wall_s": wall, "cpu_s": cpu,
+                                        "parent_cpu_s": 0.0})
+
             workers |= _children() - existing
             cpu0, t0, parent0 = cpu_seconds(workers), time.perf_counter(), time.process_time()
             verdicts = await asyncio.gather(
@@ -99,6 +161,8 @@ async def verifier_pool(workload: Workload, rounds: int,
                 record(f"chunk_{size}", t0, cpu_seconds(workers) - cpu0,
                        time.process_time() - parent0)
     finally:
+        if independent is not None:
+            independent.close()
         pool.close()
         await verifier.close()
 
@@ -115,7 +179,7 @@ async def verifier_pool(workload: Workload, rounds: int,
                 "parent_cpu_s_per_1k": round(1000 * parent / (n * len(measured)), 4),
                 "cores_busy": round(cpu / wall, 3)}
 
-    single, service = summary("single"), summary("service")
+    single, service, alone = summary("single"), summary("service"), summary("independent")
     out: dict[str, Any] = {
         "workload": workload.name, "responses": n, "cores": cores, "workers": cores,
         "rounds": rounds,
@@ -128,7 +192,14 @@ async def verifier_pool(workload: Workload, rounds: int,
         # what the ratio would be if the pool kept every core busy. Steadier than the ratio on a
         # shared machine; the gap between the two is idle workers (gaps, the tail, other jobs).
         "cpu_equivalent_ratio": _cpu_equivalent(single, service),
-        "single": single, "pool": service, "correct_fraction": round(correct / n, 4),
+        # The machine's own ceiling for any pool: ``cores`` processes that share nothing, each
+        # verifying its share sequentially, over single × cores; and the pool over that.
+        "ratio_independent_to_single_x_cores": round(
+            alone["responses_per_s"] / (single["responses_per_s"] * cores), 4),
+        "ratio_pool_to_independent": round(
+            service["responses_per_s"] / alone["responses_per_s"], 4),
+        "single": single, "pool": service, "independent": alone,
+        "correct_fraction": round(correct / n, 4),
         "sweep": {}}
     for size in sweep:
         chunked = summary(f"chunk_{size}")

@@ -25,6 +25,7 @@ from . import hero
 from ._errors import HeroConnectionError, HeroTimeoutError, HeroValidationError
 from ._retry import RETRY_STATUSES, RetryPolicy, api_error, retry_after_seconds
 from ._sigma import RunningSigma
+from ._transport import HTTPBackend, aiohttp_transport, httpx_limits, resolve_backend
 from ._validation import FieldProblem
 from .schema import (
     GetRewardResponse,
@@ -346,12 +347,27 @@ class HeroClient(_ClientBase):
 
 
 class AsyncHeroClient(_ClientBase):
-    """asyncio client; chunks of one call run concurrently, at most ``max_concurrency``."""
+    """asyncio client; chunks of one call run concurrently, at most ``max_concurrency``.
+
+    ``max_connections`` caps the connections it opens (None: no cap, for callers that keep a
+    request per sample open while their groups assemble). ``http_backend``: ``"auto"`` sends
+    through aiohttp's connection pool when ``httpx-aiohttp`` is installed (the ``aiohttp``
+    extra; much less CPU per request with many requests in flight, see ``_transport.py``),
+    else through httpx's; ``transport=`` overrides both (e.g. ``httpx.MockTransport``)."""
 
     def __init__(self, base_url: str = DEFAULT_URL, *,
-                 transport: Optional[httpx.AsyncBaseTransport] = None, **kwargs: Any) -> None:
+                 transport: Optional[httpx.AsyncBaseTransport] = None,
+                 max_connections: Optional[int] = 100, http_backend: HTTPBackend = "auto",
+                 **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)
-        self._http = httpx.AsyncClient(transport=transport, **self._http_settings)
+        limits = httpx_limits(max_connections)
+        backend = resolve_backend(http_backend)
+        #: what sends: "aiohttp", "httpx", or "custom" (a ``transport=`` of the caller's)
+        self.http_backend = backend if transport is None else "custom"
+        if transport is None and backend == "aiohttp":
+            transport = aiohttp_transport(max_connections)
+        self._http = httpx.AsyncClient(transport=transport, limits=limits,
+                                       **self._http_settings)
 
     async def __aenter__(self) -> AsyncHeroClient:
         return self

@@ -51,6 +51,26 @@ def test_loop_cache_makes_one_object_per_key_and_event_loop():
     assert later is not first
 
 
+def test_loop_cache_closes_its_objects_on_their_loop_when_the_loop_shuts_down():
+    closed: list[tuple[str, asyncio.AbstractEventLoop]] = []
+
+    async def close(value: str) -> None:
+        closed.append((value, asyncio.get_running_loop()))
+
+    cache: LoopCache[str] = LoopCache(close=close)
+    loops = []
+
+    async def use(value: str) -> None:
+        loops.append(asyncio.get_running_loop())
+        assert cache.get("k", lambda: value) == value
+        assert cache.get("k", lambda: "never made") == value  # one per loop: closed once
+        assert closed == [(v, loop) for v, loop in closed if v != value]  # not yet
+
+    asyncio.run(use("first"))
+    asyncio.run(use("second"))
+    assert closed == [("first", loops[0]), ("second", loops[1])]
+
+
 def test_wire_messages_keep_known_roles_send_others_as_user_and_content_as_text():
     messages = [
         {"role": "system", "content": "Be brief."},

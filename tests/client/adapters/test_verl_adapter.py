@@ -8,7 +8,8 @@ without its GPU dependencies) against a live service.
   - with ``reward_kwargs.n``: each sample a one-response ``/v1/rewards`` piece, assembled by a
     service started without ``--group-size``; by two replicas sharing a real Redis, a group's
     samples alternating between them; a prompt's key reused in the next step opens a fresh
-    group; more groups in flight than httpx's default connection cap;
+    group; more groups in flight than the client's default connection cap (either HTTP
+    backend);
   - without it: ``/get_reward`` against a service that assembles groups (``--group-size``), and
     refused against one that does not (each sample would be a group of one: no RM signal, sigma
     collapsed).
@@ -17,6 +18,7 @@ without its GPU dependencies) against a live service.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import random
 import time
@@ -25,11 +27,10 @@ import numpy as np
 import pytest
 import torch
 from adapter_support import byte_level_tokenizer, metric
-from httpx._config import DEFAULT_LIMITS  # the premise of the connection-pool test
 from redis_support import RedisServer
 from support import ServerProcess, free_port, running_server
 
-from hero_client import HeroClient
+from hero_client import AsyncHeroClient, HeroClient, _transport
 from hero_client.adapters.verl import (
     check_service,
     client_for,
@@ -415,21 +416,25 @@ def test_verl_reward_loop_reuses_a_prompts_key_in_the_next_step(server, dev_rows
     assert weighted_with[1][2] != weighted_with[0][2]
 
 
-def test_verl_reward_loop_pieces_outnumber_the_default_connection_pool(server, dev_rows,
-                                                                       tokenizer, reward_file):
+@pytest.mark.parametrize("backend", ["aiohttp", "httpx"])
+def test_verl_reward_loop_pieces_outnumber_the_default_connection_pool(
+        server, dev_rows, tokenizer, reward_file, backend, monkeypatch):
     """Every sample holds its request open until its group is complete. With 101 groups of 2
     whose first members all come first, the first 100 calls complete no group: a client
-    capped at httpx's default 100 connections would leave the second members queued behind
-    them until the groups closed partial at the deadline."""
+    capped at the default 100 connections would leave the second members queued behind them
+    until the groups closed partial at the deadline. The adapter's client has no cap, on
+    aiohttp's pool (``httpx-aiohttp`` installed, what "auto" picks) and on httpx's."""
+    monkeypatch.setattr(_transport, "aiohttp_available", lambda: backend == "aiohttp")
     n, groups = 2, 101
     rows = [{**dev_rows[k % len(dev_rows)],
              "responses": dev_rows[k % len(dev_rows)]["responses"][2 * (k // len(dev_rows)):]}
             for k in range(groups)]
     samples = rollouts(rows, per_prompt=n, interleave=True)
-    # the premise: more groups than the connections an httpx client opens by default
-    assert DEFAULT_LIMITS.max_connections is not None and DEFAULT_LIMITS.max_connections < groups
+    # the premise: more groups than the connections a client opens by default
+    default_cap = inspect.signature(AsyncHeroClient).parameters["max_connections"].default
+    assert default_cap is not None and default_cap < groups
     outputs = run_reward_loop(
-        pieces_config(reward_file, server.url, "verl-pieces-many", n, "test-key"),
+        pieces_config(reward_file, server.url, f"verl-pieces-many-{backend}", n, "test-key"),
         make_data(tokenizer, samples))
     infos = [o["reward_extra_info"] for o in outputs]
     assert all(i["hero_partial"] == 0.0 for i in infos)

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from support import app_service, asgi_client, started_app_fixture
 
 from hero_service.config import Settings
+from hero_service.http.middleware import RequestIds
 from hero_service.state import Service
 
 pytestmark = pytest.mark.anyio
@@ -146,3 +147,11 @@ async def test_requests_are_counted_and_timed_under_their_endpoint(service, clie
     assert f"request_id={ids[3]} POST /v1/rewards status=413" in lines[3]
     assert not any("/healthz" in line for line in lines)
     assert service.active_requests == 0
+
+
+def test_request_ids_are_twelve_hex_digits_unique_and_share_a_process_prefix():
+    ids = RequestIds()
+    made = [ids.next() for _ in range(1000)]
+    assert all(re.fullmatch(r"[0-9a-f]{12}", i) for i in made) and len(set(made)) == 1000
+    assert len({i[:6] for i in made}) == 1  # one prefix per process: the counter follows
+    assert [int(i[6:], 16) for i in made[:3]] == [0, 1, 2]

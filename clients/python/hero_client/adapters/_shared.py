@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Any, Generic, Optional, TypeVar
 
 from ..schema import CHAT_ROLES
@@ -34,12 +34,17 @@ class ProcessCache(Generic[_Value]):
 class LoopCache(Generic[_Value]):
     """One object per key and running event loop, made on first use: httpx's async client and
     asyncio locks belong to the loop they were made on (verl runs one loop per reward-loop
-    worker). A loop is held weakly, so a dead loop whose id is reused gets a fresh object."""
+    worker). A loop is held weakly, so a dead loop whose id is reused gets a fresh object.
 
-    def __init__(self) -> None:
+    ``close``: awaited on each object when its loop shuts down its async generators (what
+    ``asyncio.run`` does before closing the loop), so a client's connections are closed on the
+    loop they belong to; aiohttp's pool warns about every session left open."""
+
+    def __init__(self, close: Optional[Callable[[_Value], Awaitable[Any]]] = None) -> None:
         self._lock = threading.Lock()
+        self._close = close
         self._values: dict[tuple[Hashable, int],
-                           tuple[weakref.ref[asyncio.AbstractEventLoop], _Value]] = {}
+                           tuple[weakref.ref[asyncio.AbstractEventLoop], _Value, Any]] = {}
 
     def get(self, key: Hashable, make: Callable[[], _Value]) -> _Value:
         loop = asyncio.get_running_loop()
@@ -47,8 +52,29 @@ class LoopCache(Generic[_Value]):
         with self._lock:
             entry = self._values.get(slot)
             if entry is None or entry[0]() is not loop:
-                entry = self._values[slot] = (weakref.ref(loop), make())
+                value = make()
+                closer = None if self._close is None else _closing_at_shutdown(value,
+                                                                               self._close)
+                entry = self._values[slot] = (weakref.ref(loop), value, closer)
             return entry[1]
+
+
+def _closing_at_shutdown(value: _Value, close: Callable[[_Value], Awaitable[Any]]) -> Any:
+    """An async generator, started on the running loop and suspended, whose ``finally`` awaits
+    ``close(value)``: the loop registers every started async generator and closes each in
+    ``shutdown_asyncgens()``, a hook asyncio has for exactly this (Runner.close calls it)."""
+    async def closing() -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await close(value)
+
+    generator = closing()
+    try:  # first step, synchronously: runs to the ``yield`` (nothing is awaited before it)
+        generator.__anext__().send(None)
+    except StopIteration:
+        pass
+    return generator  # kept with the value: collected, it would be closed at once
 
 
 def message_text(content: Any) -> str:

@@ -97,8 +97,6 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Optional
 
-import httpx
-
 from .._client import DEFAULT_URL, AsyncHeroClient, HeroClient, ParamsLike
 from .._errors import HeroConnectionError
 from .._retry import RetryPolicy
@@ -114,7 +112,7 @@ MAX_GROUP_KEY_CHARS = 256  # the wire contract's limit on /v1/rewards group_key
 DEFAULT_RUN = "default"
 
 _clients: ProcessCache[HeroClient] = ProcessCache()
-_async_clients: LoopCache[AsyncHeroClient] = LoopCache()
+_async_clients: LoopCache[AsyncHeroClient] = LoopCache(close=AsyncHeroClient.aclose)
 _warned: set[str] = set()
 # Services that passed the first-call check, per (base URL, what was checked): once per process.
 _checked: set[tuple[str, str]] = set()
@@ -138,19 +136,14 @@ def client_for(url: Optional[str] = None, api_key: Optional[str] = None,
 
 def _async_client_for(url: Optional[str], api_key: Optional[str],
                       timeout: float) -> AsyncHeroClient:
-    """This event loop's client for the service (see :class:`LoopCache`)."""
+    """This event loop's client for the service (see :class:`LoopCache`). Each call holds its
+    connection until its whole group is scored: with a cap (httpx's default is 100) the 101st
+    sample would queue behind samples waiting for it, and groups spread over more calls in
+    flight would close partial at the deadline. So no cap; the service bounds waiting samples
+    itself (429 beyond --max-queued-rollouts, retried)."""
     base, key = _url_and_key(url, api_key)
     return _async_clients.get((base, key), lambda: AsyncHeroClient(
-        base, api_key=key, timeout=timeout, transport=_unpooled_transport()))
-
-
-def _unpooled_transport() -> httpx.AsyncHTTPTransport:
-    # Each call holds its connection until its whole group is scored. With httpx's default cap
-    # (100 connections) the 101st sample would queue in the pool behind samples waiting for it,
-    # and groups spread over more than 100 calls in flight would close partial at the deadline.
-    # The service bounds waiting samples itself (429 beyond --max-queued-rollouts, retried).
-    return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=None,
-                                                        max_keepalive_connections=64))
+        base, api_key=key, timeout=timeout, max_connections=None))
 
 
 def _warn_once(message: str, level: int = logging.WARNING) -> None:
