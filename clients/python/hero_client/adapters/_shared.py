@@ -6,8 +6,16 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping, Sequence
-from typing import Any, Generic, Optional, TypeVar
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Hashable,
+    Mapping,
+    Sequence,
+)
+from typing import Any, Generic, Optional, TypeVar, cast
 
 from ..schema import CHAT_ROLES
 
@@ -70,8 +78,10 @@ def _closing_at_shutdown(value: _Value, close: Callable[[_Value], Awaitable[Any]
             await close(value)
 
     generator = closing()
-    try:  # first step, synchronously: runs to the ``yield`` (nothing is awaited before it)
-        generator.__anext__().send(None)
+    # First step, synchronously: runs to the ``yield`` (nothing is awaited before it).
+    step = cast(Coroutine[Any, Any, None], generator.__anext__())
+    try:
+        step.send(None)
     except StopIteration:
         pass
     return generator  # kept with the value: collected, it would be closed at once
