@@ -75,6 +75,8 @@ def test_bench_quick_writes_every_section(tmp_path: Path) -> None:
     v = result["verifier_pool"]
     assert v["single_responses_per_s"] > 0 and v["pool_responses_per_s"] > 0
     assert v["ratio_pool_to_single_x_cores"] > 0 and v["correct_fraction"] > 0.5
+    # the machine's ceiling: independent processes, no pool
+    assert v["independent"]["responses_per_s"] > 0 and v["ratio_pool_to_independent"] > 0
 
     o = result["overload"]
     assert o["rejected_429"] > 0, "a 10x burst must be refused in part"
@@ -175,3 +177,14 @@ def test_shared_prompt_bench_quick(tmp_path: Path) -> None:
     assert long["service_sharing"]["computed_tokens"] < 0.5 * long["bare"]["computed_tokens"]
     assert [t["measured"] is not None for t in result["targets"]] == [True] * 3
     assert result["targets"][2]["pass"], result["targets"][2]  # scores within 1e-3
+
+
+def test_client_cost_bench_quick(tmp_path: Path) -> None:
+    """``bench/client_cost.py --quick``: the client's CPU per request on both HTTP backends
+    against a real service, and the service gone afterwards."""
+    proc, result = run_quick("client_cost", tmp_path, timeout_s=240)
+    for backend in ("httpx", "aiohttp"):
+        (arm,) = result["rounds"]["16"][backend]
+        assert arm["requests"] > 0 and arm["client_cpu_ms_per_request"] > 0, backend
+    assert result["summary"]["16"]["httpx_over_aiohttp"] > 0
+    assert "httpx / aiohttp" in proc.stdout
