@@ -100,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
                            "httpx_over_aiohttp": ms["httpx"] / ms["aiohttp"]}
         lines.append(f"  C={c:<4} httpx {ms['httpx']:.2f} ms, aiohttp {ms['aiohttp']:.2f} ms "
                      f"-> httpx / aiohttp {ms['httpx'] / ms['aiohttp']:.2f}x")
-    print("\n".join(lines))
+    text = "\n".join(lines)
+    print(text)
     args.results_dir.mkdir(parents=True, exist_ok=True)
+    (args.results_dir / "client_cost.txt").write_text(text + "\n")
     (args.results_dir / "client_cost.json").write_text(json.dumps(
         {"rounds": results, "summary": summary}, indent=1))
     return 0
