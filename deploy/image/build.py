@@ -190,7 +190,7 @@ def choose_builder(choice: str) -> Builder:
         if choice == "docker" and not docker_daemon_answers():
             raise ImageError("IMAGE_BUILDER=docker, but no Docker daemon answers `docker info`")
         return Builder("docker")
-    ensure_tool("buildah", "podman", "buildah builds the image without a daemon")
+    ensure_tool("buildah", "buildah", "buildah builds the image without a daemon")
     ensure_tool("podman", "podman", "podman reports image sizes and imports base images")
     if os.geteuid() != 0:
         raise ImageError("buildah with chroot isolation runs as root here (a rootless buildah "
