@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 import httpx
 
@@ -27,8 +27,9 @@ def aiohttp_available() -> bool:
 
 
 def resolve_backend(backend: HTTPBackend) -> Literal["httpx", "aiohttp"]:
-    if backend not in ("auto", "httpx", "aiohttp"):
-        raise ValueError(f"http_backend must be 'auto', 'httpx' or 'aiohttp', got {backend!r}")
+    if backend not in get_args(HTTPBackend):
+        choices = ", ".join(repr(b) for b in get_args(HTTPBackend))
+        raise ValueError(f"http_backend must be one of {choices}, got {backend!r}")
     if backend == "auto":
         return "aiohttp" if aiohttp_available() else "httpx"
     return backend
