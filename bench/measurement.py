@@ -89,7 +89,8 @@ class Measurement(Tally):
 
 def merged(runs: list[Measurement]) -> Measurement:
     """One measurement from repeated runs: totals over all runs; the ratio to the limit is the
-    mean of each run's own (bracketed) ratio."""
+    median of each run's own (bracketed) ratio (one run on a machine that slowed between its
+    probes moves a mean of three by a third of its error, a median not at all)."""
     if len(runs) == 1:
         return runs[0]
     first = runs[0]
@@ -107,8 +108,8 @@ def merged(runs: list[Measurement]) -> Measurement:
         [run.server[k] for run in runs if k in run.server]) for k in keys}
     ratios = [run.limit_ratio for run in runs if run.limit_ratio is not None]
     refs = [run.limit_ref for run in runs if run.limit_ref is not None]
-    out.limit_ratio = statistics.mean(ratios) if ratios else None
-    out.limit_ref = statistics.mean(refs) if refs else None
+    out.limit_ratio = statistics.median(ratios) if ratios else None
+    out.limit_ref = statistics.median(refs) if refs else None
     out.loadavg = statistics.mean(run.loadavg for run in runs)
     out.runs = [{"rollouts_per_s": round(run.rate, 3), "ratio_to_limit": rounded(run.limit_ratio),
                  "limit_ref_rollouts_per_s": rounded(run.limit_ref)} for run in runs]

@@ -22,6 +22,7 @@ class Callers:
     one_response: tuple[int, ...]       # pattern (b) and the naive server's concurrencies
     many: int                           # the "many concurrent callers" of the targets
     repeats: int                        # how many times the target comparisons are measured
+                                        # (the ratio reported: the median run's)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ FULL = Plan(
     "full",
     Windows(measurement_s=8.0, probe_s=3.0, probe_every=1, scale_s=10.0),
     Callers(groups_per_request=4, several_groups=(1, 4, 16), one_response=(1, 4, 16), many=16,
-            repeats=2),
+            repeats=3),
     VerifierPlan(scale=4, rounds=3, chunk_sweep=(8, 32)),
     ForwardSweep(batch_sizes=(8, 32, 128), rollouts=128, rounds=1),
     CoreSplit(variants=("main", "workers_per_core", "fewer_threads"), patterns=("a", "b"),

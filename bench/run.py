@@ -67,9 +67,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--no-variants", action="store_true",
                         help="skip the core-split variants (two fewer servers)")
     parser.add_argument("--results-dir", default=str(HERE / "results"))
-    parser.add_argument("--budget-s", type=float, default=540.0,
+    parser.add_argument("--budget-s", type=float, default=660.0,
                         help="soft time bound: past 60%% of it the core split is cut to one "
-                             "pattern (default 540)")
+                             "pattern (default 660)")
     parser.add_argument("--data", default=None, help="rollouts JSONL (default: the dev data)")
     parser.add_argument("--render-only", action="store_true",
                         help="measure nothing: redraw the table and plot from "

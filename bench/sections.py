@@ -319,8 +319,8 @@ class BenchRun:
         for c in callers.one_response:
             await self.naive(c)
         self.trl_style()
-        # Again in reverse order, so drift over the run averages out (each run has its own
-        # limit probes; the reported ratio is the mean).
+        # Again, in reverse order, so drift over the run averages out (each run has its own
+        # limit probes; the reported ratio is the median run's).
         for _ in range(callers.repeats - 1):
             self.trl_style()
             await self.naive(callers.many)

@@ -14,6 +14,7 @@ import pytest
 sys.path.append(str(Path(__file__).resolve().parents[2] / "bench"))
 
 import metrics
+from measurement import Measurement, merged
 from plan import FULL, QUICK
 from stats import percentile, rounded
 from targets import AT_LEAST, AT_MOST, BELOW, target, target_lines
@@ -81,3 +82,19 @@ def test_plans_measure_what_the_report_reads() -> None:
         assert set(plan.core_split.variants) <= {"main", "workers_per_core", "fewer_threads"}
     assert QUICK.with_token_budget(4096).max_batch_tokens == 4096
     assert QUICK.with_token_budget(4096).callers == QUICK.callers
+
+
+def test_repeated_runs_report_the_median_runs_ratio_and_every_run() -> None:
+    runs = []
+    for rollouts, ratio in ((300, 0.92), (250, 0.70), (310, 0.95)):  # the second: a slow patch
+        run = Measurement("hero_b_c16", "hero-rewards", "1 response per /get_reward", 16,
+                          rollouts=rollouts, elapsed_s=8.0)
+        run.limit_ratio, run.limit_ref = ratio, rollouts / 8.0 / ratio
+        runs.append(run)
+    one = merged(runs)
+    assert one.limit_ratio == pytest.approx(0.92)
+    assert one.rollouts == 860 and one.elapsed_s == pytest.approx(24.0)
+    assert [r["ratio_to_limit"] for r in one.runs] == [0.92, 0.70, 0.95]
+    two = merged(runs[:2])
+    assert two.limit_ratio == pytest.approx(0.81)  # the median of two is their mean
+    assert FULL.callers.repeats >= 3
