@@ -1,9 +1,11 @@
 """The audit log of flagged responses (``--audit-log PATH``, off by default).
 
 One JSON line per response whose verifier verdict and RM score disagree
-(``GroupResult.disagreement``, see ``hero_client.diagnostics``): the request id, the group id, the
-response's index in its group as the caller sent it, its verifier status, RM score, the kind, and
-the last :data:`TAIL_CHARS` characters of the response (where a final answer sits). Each response
+(``GroupResult.disagreement``, see ``hero_client.diagnostics``): the body's request id (``null``
+where the body has none, as on ``/get_reward``), the HTTP request's ``X-Request-Id`` (always set:
+the id of the access log's line for the request), the group id, the response's index in its group
+as the caller sent it, its verifier status, RM score, the kind, and the last :data:`TAIL_CHARS`
+characters of the response (where a final answer sits). Each response
 is written by the request that sent it, so a group assembled across requests and replicas is
 logged piece by piece, each replica in its own file.
 
@@ -26,6 +28,7 @@ import random
 import threading
 import time
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -42,6 +45,10 @@ BACKUPS = 3
 QUEUE_LINES = 10_000
 CLOSE_TIMEOUT_S = 5.0
 
+# The X-Request-Id of the HTTP request being handled (set by the RequestMetrics middleware for
+# the request's task): audit lines carry it without threading it through every scoring call.
+HTTP_REQUEST_ID: ContextVar[Optional[str]] = ContextVar("hero_http_request_id", default=None)
+
 
 @dataclass(frozen=True)
 class AuditEntry:
@@ -54,6 +61,7 @@ class AuditEntry:
     rm_score: Optional[float]
     kind: DisagreementKind
     response_tail: str
+    http_request_id: Optional[str] = None
 
     def line(self) -> str:
         return json.dumps({"time": round(time.time(), 3), **asdict(self)}, ensure_ascii=False)
@@ -74,7 +82,8 @@ def flagged_entries(request_id: Optional[str], group: GroupResult,
             request_id=request_id, group_id=group.id, index=i,
             status=group.verifier_status[i],
             rm_score=group.rm_scores[i] if group.rm_scores is not None else None,
-            kind=kind, response_tail=responses[i][-TAIL_CHARS:]))
+            kind=kind, response_tail=responses[i][-TAIL_CHARS:],
+            http_request_id=HTTP_REQUEST_ID.get()))
     return entries
 
 

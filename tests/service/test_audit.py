@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from hero_client.schema import GroupResult
-from hero_service.audit import BACKUPS, TAIL_CHARS, AuditEntry, AuditLog, flagged_entries
+from hero_service.audit import (
+    BACKUPS,
+    HTTP_REQUEST_ID,
+    TAIL_CHARS,
+    AuditEntry,
+    AuditLog,
+    flagged_entries,
+)
 from hero_service.metrics import Metrics
 
 
@@ -50,6 +57,17 @@ def test_flagged_entries_are_the_flagged_responses_with_their_tails():
         flagged_entries("r", group_result(), ["a", "b"])
 
 
+def test_entries_name_the_http_request_being_handled():
+    assert flagged_entries(None, group_result(), ["a", "b", "c"])[0].http_request_id is None
+    token = HTTP_REQUEST_ID.set("4f2a1c-00002a")
+    try:
+        entries = flagged_entries(None, group_result(), ["a", "b", "c"])
+    finally:
+        HTTP_REQUEST_ID.reset(token)
+    assert [(e.request_id, e.http_request_id) for e in entries] == [(None, "4f2a1c-00002a")]
+    assert json.loads(entries[0].line())["http_request_id"] == "4f2a1c-00002a"
+
+
 def test_lines_are_written_as_json_and_the_file_is_flushed_on_close(tmp_path):
     metrics = Metrics()
     path = tmp_path / "audit.jsonl"
@@ -62,7 +80,8 @@ def test_lines_are_written_as_json_and_the_file_is_flushed_on_close(tmp_path):
     first = lines[0]
     assert {k: v for k, v in first.items() if k != "time"} == {
         "request_id": "req", "group_id": "g", "index": 0, "status": "incorrect",
-        "rm_score": 1.0, "kind": "likely_false_negative", "response_tail": "tail é \\boxed{5}"}
+        "rm_score": 1.0, "kind": "likely_false_negative", "response_tail": "tail é \\boxed{5}",
+        "http_request_id": None}
     assert before - 1 <= first["time"] <= time.time() + 1
     assert sample(metrics, "hero_audit_lines_total") == 2
     assert sample(metrics, "hero_audit_dropped_total") == 0

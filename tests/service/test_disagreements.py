@@ -152,6 +152,8 @@ def test_planted_misses_are_flagged_counted_and_audited(live, planted, audit_pat
     # The audit log: one line per flagged response, the planted ones among them.
     lines = audit_lines(audit_path, {"planted-whole"}, sum(counts.values()))
     assert len(lines) == sum(counts.values())
+    # Each line also names the HTTP request (its X-Request-Id, as in the access log).
+    assert {line["http_request_id"] for line in lines} == {answer.headers["x-request-id"]}
     by_place = {(line["group_id"], line["index"]): line for line in lines}
     responses = {g["id"]: g["responses"] for g in planted.groups}
     for group_id, miss in planted.planted.items():
@@ -166,9 +168,10 @@ def test_planted_misses_are_flagged_counted_and_audited(live, planted, audit_pat
     assert value(metric_samples(live.url), "hero_audit_dropped_total") == 0
 
 
-async def _send_pieces(url: str, groups: list[dict]) -> list[list[GroupResult]]:
+async def _send_pieces(url: str, groups: list[dict]
+                       ) -> tuple[list[list[GroupResult]], list[str]]:
     """Each group as two pieces of four, in two requests sent together (each waits for the
-    other's half)."""
+    other's half); the answers' groups and X-Request-Ids."""
     def half(group: dict, part: slice) -> dict:
         return {"id": group["id"], "prompt": group["prompt"], "reference": group["reference"],
                 "responses": group["responses"][part], "rm_scores": group["rm_scores"][part],
@@ -181,7 +184,8 @@ async def _send_pieces(url: str, groups: list[dict]) -> list[list[GroupResult]]:
             for k, part in enumerate((slice(0, 4), slice(4, 8)))))
     for answer in answers:
         assert answer.status_code == 200, answer.text
-    return [[GroupResult.model_validate(g) for g in a.json()["groups"]] for a in answers]
+    return ([[GroupResult.model_validate(g) for g in a.json()["groups"]] for a in answers],
+            [a.headers["x-request-id"] for a in answers])
 
 
 def test_assembled_groups_are_flagged_as_whole_ones_and_counted_once(live, planted, audit_path):
@@ -189,7 +193,7 @@ def test_assembled_groups_are_flagged_as_whole_ones_and_counted_once(live, plant
         "request_id": "reference", "groups": planted.groups}).json()["groups"]
     whole_flags = {g["id"]: g["disagreement"] for g in whole}
     before = metric_samples(live.url)
-    first, second = asyncio.run(_send_pieces(live.url, planted.groups))
+    (first, second), http_ids = asyncio.run(_send_pieces(live.url, planted.groups))
     after = metric_samples(live.url)
     for a, b in zip(first, second):
         # Each caller gets its own half of the whole group's flags.
@@ -205,6 +209,8 @@ def test_assembled_groups_are_flagged_as_whole_ones_and_counted_once(live, plant
     assert len(pieces) == expected
     for line in pieces:
         mine = first if line["request_id"] == "planted-piece-0" else second
+        # Two requests handled at once: each line names its own HTTP request.
+        assert line["http_request_id"] == http_ids[0 if mine is first else 1]
         group = next(g for g in mine if g.id == line["group_id"])
         assert group.disagreement is not None
         assert group.disagreement[line["index"]] == line["kind"]

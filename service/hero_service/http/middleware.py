@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from ..admission import Admission
+from ..audit import HTTP_REQUEST_ID
 from ..metrics import Metrics
 from ..state import Service
 from .errors import error_body
@@ -166,6 +167,7 @@ class RequestMetrics(_ScopeMiddleware):
         status = 500
         request_id = self.request_ids.next()
         scope.setdefault("state", {})["request_id"] = request_id
+        context_token = HTTP_REQUEST_ID.set(request_id)
 
         async def capture(message: Message) -> None:
             nonlocal status
@@ -180,6 +182,7 @@ class RequestMetrics(_ScopeMiddleware):
         try:
             await self.app(scope, receive, capture)
         finally:
+            HTTP_REQUEST_ID.reset(context_token)
             if tracked:
                 self.service.active_requests -= 1
             route = scope.get("route")
