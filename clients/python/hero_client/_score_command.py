@@ -57,12 +57,11 @@ from .schema import (
     VerifierName,
     VerifierStatus,
 )
-from .vocabulary import DisagreementKind
+from .vocabulary import DISAGREEMENT_KINDS
 
 NONZERO_ADVANTAGE = 1e-9  # |A| above this counts as a learning signal in the summary
 # Rewards of one group further apart than this are a learning signal (as hero_service.metrics).
 REWARD_SPREAD_SIGNAL = 1e-9
-DISAGREEMENT_KINDS = get_args(DisagreementKind)
 STATUSES = get_args(VerifierStatus)
 META_SUFFIX = ".meta.json"
 META_FORMAT = "hero-rewards score/1"

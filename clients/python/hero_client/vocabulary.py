@@ -3,7 +3,7 @@ adapters import them from here."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 Mode = Literal["hero", "verifier", "rm"]
 VerifierName = Literal["math", "exact", "numeric", "none"]
@@ -14,3 +14,4 @@ WeightGap = Literal["absolute", "relative"]
 ChatRole = Literal["system", "user", "assistant"]
 # Where the verifier and the RM disagree about one response (hero_client.diagnostics).
 DisagreementKind = Literal["likely_false_negative", "likely_false_positive"]
+DISAGREEMENT_KINDS: tuple[DisagreementKind, ...] = get_args(DisagreementKind)

@@ -87,7 +87,7 @@ def test_trl_trainer_advantages_equal_hero_advantages_with_scale_rewards_none(se
 
 def test_trl_reward_function_groups_consecutive_prompts_like_a_direct_call(server, dev_rows):
     """Called the way TRL calls it (standard format, dataset columns as keyword lists)."""
-    rows = dev_rows[20:22]
+    rows = [dev_rows[17], dev_rows[28]]  # groups where the embedded RM and the verifier disagree
     prompts = [rows[0]["prompt"]] * 3 + [rows[1]["prompt"]] * 3
     completions = rows[0]["responses"][:3] + rows[1]["responses"][:3]
     answers = [rows[0]["reference"]] * 3 + [rows[1]["reference"]] * 3
@@ -105,6 +105,11 @@ def test_trl_reward_function_groups_consecutive_prompts_like_a_direct_call(serve
     assert out == pytest.approx([x for g in direct.groups for x in g.rewards])
     assert metrics["hero/sigma_ref"] == pytest.approx(direct.sigma_ref)
     assert extra["hero_status"] == [s for g in direct.groups for s in g.verifier_status]
+    flags = [kind for g in direct.groups for kind in (g.disagreement or [None] * 3)]
+    assert "likely_false_negative" in flags
+    assert extra["hero_disagreement"] == [kind or "" for kind in flags]
+    for kind in ("likely_false_negative", "likely_false_positive"):
+        assert metrics[f"hero/{kind}"] == pytest.approx(flags.count(kind) / 6)
     assert reward.running_sigma.value == pytest.approx(direct.sigma_ref)
 
     # one prompt repeated: num_generations cuts the run into groups

@@ -170,6 +170,9 @@ def test_verl_batch_reward_manager_scores_groups_by_extra_info_index(server, dev
                                      for j in range(4) for k in range(3)]
     assert all(len(v) == len(samples) for v in info.values())
     assert 0.0 in info["hero_verified"] and 1.0 in info["hero_verified"]
+    for kind in ("likely_false_negative", "likely_false_positive"):
+        assert info[f"hero_{kind}"] == [float((direct.groups[k].disagreement or [None] * 4)[j]
+                                              == kind) for j in range(4) for k in range(3)]
 
 
 def test_verl_batch_function_advantages_and_grouping_fallbacks(server, dev_rows):
@@ -216,6 +219,7 @@ def test_verl_reward_loop_worker_without_n_assembles_groups_through_get_reward(
         # each sample's reward is its response's reward in its whole group, scored with the
         # sigma-bar the service used for that group
         assert {i["hero_verified"] for i in infos} == {0.0, 1.0}
+        assert 1.0 in {i["hero_likely_false_negative"] for i in infos}  # the RM disagrees here
         own_sigma = []
         with HeroClient(hero.url) as client:
             for k, row in enumerate(rows):
@@ -229,6 +233,7 @@ def test_verl_reward_loop_worker_without_n_assembles_groups_through_get_reward(
                 got = [m[1]["reward_score"] for m in mine]
                 assert got == pytest.approx(direct.rewards, abs=1e-6)
                 assert all(m[2]["hero_weight"] == pytest.approx(direct.weight) for m in mine)
+                assert_flags([m[2] for m in mine], direct)
                 own_sigma.append(sigma_ref == pytest.approx(direct.sigma))
         # a fresh service: the first group scored is weighted with its own sigma (no sigma-bar yet)
         assert any(own_sigma)
@@ -261,6 +266,13 @@ def pieces_config(reward_file, url: str, run: str, n: int, api_key=None):
     return reward_loop_config(reward_file.parent / "tok", reward_file, kwargs, rollout_n=n)
 
 
+def assert_flags(infos, direct) -> None:
+    """The samples' hero_likely_false_* fields are the flags of their whole group."""
+    flags = direct.disagreement or [None] * len(infos)
+    for kind in ("likely_false_negative", "likely_false_positive"):
+        assert [i[f"hero_{kind}"] for i in infos] == [float(f == kind) for f in flags], kind
+
+
 def check_whole_groups(url: str, rows, samples, outputs, n: int, api_key=None) -> list[float]:
     """Every sample's reward is its response's in HERO of its whole group, scored once: one
     weight and one sigma-bar per group, no partial, every dict the same keys. Returns the
@@ -286,6 +298,7 @@ def check_whole_groups(url: str, rows, samples, outputs, n: int, api_key=None) -
                                                                          abs=1e-9)
             assert [m[2]["hero_verified"] for m in mine] == [float(v) for v in direct.verified]
             assert mine[0][2]["hero_weight"] == pytest.approx(direct.weight)
+            assert_flags([m[2] for m in mine], direct)
             # ...and those are the RM's scores of these responses against this prompt
             rescored = client.score([group], sigma_ref=sigma_ref).groups[0]
             assert [m[2]["hero_rm_score"] for m in mine] == pytest.approx(rescored.rm_scores,

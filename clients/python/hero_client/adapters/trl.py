@@ -57,6 +57,7 @@ from typing import Any, Literal, Optional, Union
 from .._client import DEFAULT_URL, HeroClient, ParamsLike
 from .._sigma import RunningSigma
 from ..schema import Group, Mode, RewardsResponse, VerifierName
+from ..vocabulary import DISAGREEMENT_KINDS
 from ._shared import message_text, wire_messages
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,9 @@ class HeroRewardFunction:
         running_sigma: the sigma-bar state (default: a new ``RunningSigma()``).
         client: a ``HeroClient`` to use instead of building one from ``url``/``api_key``.
         name: the ``__name__`` TRL logs this function under (``rewards/<name>/mean``) and the
-            prefix of the extra metrics (``<name>/weight``, ``<name>/sigma_ref``, ...).
+            prefix of the extra metrics (``<name>/weight``, ``<name>/sigma_ref``, the share of
+            completions flagged ``<name>/likely_false_negative`` / ``_positive``, ...) and of
+            the completion table's extra columns (``<name>_status``, ``<name>_disagreement``).
         pieces: send groups as pieces the service assembles across processes (see the module
             docstring): ``None`` (default) when ``WORLD_SIZE`` > 1 or a span is short, or
             always (``True``) or never (``False``). Needs ``num_generations``.
@@ -311,6 +314,7 @@ class HeroRewardFunction:
         if callable(log_extra):
             log_extra(f"{self.__name__}_status",
                       [s for g in result.groups for s in g.verifier_status])
+            log_extra(f"{self.__name__}_disagreement", [kind or "" for kind in _flags(result)])
         return out
 
     def _log(self, log_metric: Any, result: RewardsResponse,
@@ -321,6 +325,9 @@ class HeroRewardFunction:
         verified = [v for g in groups for v in g.verified]
         log_metric(f"{name}/weight", math.fsum(weights) / len(weights))
         log_metric(f"{name}/verified", sum(verified) / len(verified))
+        flags = _flags(result)
+        for kind in DISAGREEMENT_KINDS:
+            log_metric(f"{name}/{kind}", flags.count(kind) / len(flags))
         if result.sigma_ref is not None:
             log_metric(f"{name}/sigma_ref", result.sigma_ref)
         sigmas = [g.sigma for g in groups if g.sigma is not None]
@@ -340,3 +347,9 @@ class HeroRewardFunction:
                 logger.warning("%d of %d groups were scored incomplete: their other pieces did "
                                "not reach the service in time (run=%r)", partial, len(groups),
                                self.run)
+
+
+def _flags(result: RewardsResponse) -> list[Optional[str]]:
+    """Each completion's verifier-RM disagreement flag, in order (None: unflagged)."""
+    return [kind for g in result.groups
+            for kind in (g.disagreement or [None] * len(g.verified))]

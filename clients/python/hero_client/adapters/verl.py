@@ -76,8 +76,10 @@ then merge into one group, and the RM sees no prompt.
 
 Both functions return a dict per sample: ``score`` (the HERO reward, or with
 ``output="advantages"`` the HERO advantage — batch path only) and numeric ``hero_*`` fields
-(verified, RM score, weight, sigma-bar, partial) that verl keeps as reward extra info; every dict
-has the same keys, as verl requires. **The weight cancels under verl's default GRPO estimator**
+(verified, RM score, weight, sigma-bar, partial, and the verifier-RM disagreement flags
+``hero_likely_false_negative`` / ``hero_likely_false_positive``, 1.0 or 0.0: see
+``hero_client.diagnostics``) that verl keeps as reward extra info; every dict has the same keys,
+as verl requires. **The weight cancels under verl's default GRPO estimator**
 (``algorithm.norm_adv_by_std_in_grpo=True`` divides by the group std): set
 ``algorithm.norm_adv_by_std_in_grpo=False`` (Dr. GRPO), or use ``algorithm.adv_estimator=rloo``.
 With ``norm_adv_by_std_in_grpo=False`` and ``output="advantages"``, verl's advantage is exactly
@@ -102,6 +104,7 @@ from .._errors import HeroConnectionError
 from .._retry import RetryPolicy
 from .._sigma import RunningSigma
 from ..schema import Group, InfoResponse, Mode, VerifierName
+from ..vocabulary import DISAGREEMENT_KINDS, DisagreementKind
 from ._shared import LoopCache, ProcessCache, wire_messages
 
 logger = logging.getLogger(__name__)
@@ -331,8 +334,15 @@ def compute_score_batch(
                 "hero_sigma": group.sigma if group.sigma is not None else 0.0,
                 "hero_sigma_ref": result.sigma_ref if result.sigma_ref is not None else 0.0,
                 "hero_partial": 0.0,
+                **flag_fields(group.disagreement[j] if group.disagreement else None),
             }
     return out  # type: ignore[return-value]
+
+
+def flag_fields(kind: Optional[DisagreementKind]) -> dict[str, float]:
+    """The sample's disagreement flag as numbers, one field per kind (verl's reward extra info
+    holds numbers; the mean of a field over samples is the share flagged)."""
+    return {f"hero_{k}": 1.0 if kind == k else 0.0 for k in DISAGREEMENT_KINDS}
 
 
 def wire_group_key(key: str) -> str:
@@ -381,6 +391,7 @@ async def _score_as_piece(client: AsyncHeroClient, base: str, data_source: Any,
         "hero_weight": float(result.weight),
         "hero_sigma_ref": float(response.sigma_ref) if response.sigma_ref is not None else 0.0,
         "hero_partial": 1.0 if result.partial else 0.0,
+        **flag_fields(result.disagreement[0] if result.disagreement else None),
     }
 
 
@@ -419,6 +430,7 @@ async def _score_through_get_reward(client: AsyncHeroClient, base: str, data_sou
         "hero_weight": first("hero_weight"),
         "hero_sigma_ref": first("sigma_ref"),
         "hero_partial": first("partial"),
+        **{f"hero_{kind}": first(kind) for kind in DISAGREEMENT_KINDS},
     }
 
 
