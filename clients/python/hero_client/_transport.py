@@ -18,6 +18,7 @@ from typing import Literal, Optional, get_args
 import httpx
 
 HTTPBackend = Literal["auto", "httpx", "aiohttp"]
+HTTP_BACKENDS: tuple[HTTPBackend, ...] = get_args(HTTPBackend)
 # How long an idle connection is kept for reuse, either backend (httpx's default).
 KEEPALIVE_EXPIRY_S = 5.0
 
@@ -27,8 +28,8 @@ def aiohttp_available() -> bool:
 
 
 def resolve_backend(backend: HTTPBackend) -> Literal["httpx", "aiohttp"]:
-    if backend not in get_args(HTTPBackend):
-        choices = ", ".join(repr(b) for b in get_args(HTTPBackend))
+    if backend not in HTTP_BACKENDS:
+        choices = ", ".join(repr(b) for b in HTTP_BACKENDS)
         raise ValueError(f"http_backend must be one of {choices}, got {backend!r}")
     if backend == "auto":
         return "aiohttp" if aiohttp_available() else "httpx"

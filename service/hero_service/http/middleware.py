@@ -166,7 +166,6 @@ class RequestMetrics(_ScopeMiddleware):
         started = time.perf_counter()
         status = 500
         request_id = self.request_ids.next()
-        scope.setdefault("state", {})["request_id"] = request_id
         context_token = HTTP_REQUEST_ID.set(request_id)
 
         async def capture(message: Message) -> None:

@@ -309,23 +309,25 @@ class HeroRewardFunction:
             if values is None:
                 raise ValueError("output='advantages' needs params.advantage other than 'none'")
             out.extend(values)
+        flags = [kind for g in result.groups
+                 for kind in (g.disagreement or [None] * len(g.verified))]
         if callable(log_metric):
-            self._log(log_metric, result, spans, as_pieces)
+            self._log(log_metric, result, flags, spans, as_pieces)
         if callable(log_extra):
             log_extra(f"{self.__name__}_status",
                       [s for g in result.groups for s in g.verifier_status])
-            log_extra(f"{self.__name__}_disagreement", [kind or "" for kind in _flags(result)])
+            log_extra(f"{self.__name__}_disagreement", [kind or "" for kind in flags])
         return out
 
-    def _log(self, log_metric: Any, result: RewardsResponse,
+    def _log(self, log_metric: Any, result: RewardsResponse, flags: Sequence[Optional[str]],
              spans: list[tuple[int, int]], as_pieces: bool) -> None:
+        """``flags``: each completion's verifier-RM disagreement flag, in order."""
         name = self.__name__
         groups = result.groups
         weights = [g.weight for g in groups]
         verified = [v for g in groups for v in g.verified]
         log_metric(f"{name}/weight", math.fsum(weights) / len(weights))
         log_metric(f"{name}/verified", sum(verified) / len(verified))
-        flags = _flags(result)
         for kind in DISAGREEMENT_KINDS:
             log_metric(f"{name}/{kind}", flags.count(kind) / len(flags))
         if result.sigma_ref is not None:
@@ -347,9 +349,3 @@ class HeroRewardFunction:
                 logger.warning("%d of %d groups were scored incomplete: their other pieces did "
                                "not reach the service in time (run=%r)", partial, len(groups),
                                self.run)
-
-
-def _flags(result: RewardsResponse) -> list[Optional[str]]:
-    """Each completion's verifier-RM disagreement flag, in order (None: unflagged)."""
-    return [kind for g in result.groups
-            for kind in (g.disagreement or [None] * len(g.verified))]
