@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from typing import Optional
 
 from hero_client import hero
 from hero_client.schema import GroupResult
-from hero_service.group_store import ClosedGroup, Member
+from hero_service.group_store import ClosedGroup, GroupStore, Member
 
 PARAMS = hero.HeroParams()
 
@@ -40,3 +43,28 @@ class RecordingCombine:
 
 def member(member_id: str, score: float, status: str = "correct") -> Member:
     return Member(member_id, status, score)  # type: ignore[arg-type]
+
+
+# A fixed sleep after starting a join is no proof that the join reached the store: on a loaded
+# machine a new Redis connection alone can take longer. Tests wait for the effect instead.
+SETTLE_LIMIT_S = 10.0
+
+
+async def until_waiting(store: GroupStore, at_least: int) -> int:
+    """Wait until ``store`` counts at least ``at_least`` waiting members; returns the count."""
+    deadline = time.monotonic() + SETTLE_LIMIT_S
+    while (count := await store.waiting()) < at_least:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{count} members waiting after {SETTLE_LIMIT_S} s, "
+                                 f"expected {at_least}")
+        await asyncio.sleep(0.01)
+    return count
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait until ``condition()`` holds (e.g. a join's on_attached has reported)."""
+    deadline = time.monotonic() + SETTLE_LIMIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {SETTLE_LIMIT_S} s: {what}")
+        await asyncio.sleep(0.01)

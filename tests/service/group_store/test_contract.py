@@ -8,7 +8,7 @@ import random
 import time
 
 import pytest
-from store_support import RecordingCombine, combine, hero_group, member
+from store_support import RecordingCombine, combine, hero_group, member, until, until_waiting
 
 from hero_client import hero
 from hero_service.group_store import (
@@ -114,10 +114,11 @@ def test_resent_member_while_open_does_not_count_twice(stores):
         store = await s.make(timeout_s=20)
         recorder = RecordingCombine()
         a1 = asyncio.ensure_future(store.join(key(3), [member("a", 1.0)], recorder))
-        await asyncio.sleep(0.05)
+        await until_waiting(store, 1)
         a2 = asyncio.ensure_future(store.join(key(3), [member("a", 1.0)], recorder))  # retry
         b = asyncio.ensure_future(store.join(key(3), [member("b", 2.0)], recorder))
-        await asyncio.sleep(0.3)
+        await until_waiting(store, 2)
+        await asyncio.sleep(0.2)  # room for the retry to arrive; it must not count
         still_open = not (a1.done() or a2.done() or b.done())
         waiting = await store.waiting()
         c = await store.join(key(3), [member("c", 4.0)], recorder)
@@ -148,20 +149,22 @@ def test_abandoned_group_is_closed_by_the_next_arrival_after_its_deadline(stores
         store = await s.make(timeout_s=0.3)
         # The only waiter goes away (its pod died): nothing is left to close the group...
         orphan = asyncio.ensure_future(store.join(key(3), [member("a", 1.0)], combine))
-        await asyncio.sleep(0.05)
+        await until_waiting(store, 1)
         orphan.cancel()
         await asyncio.sleep(0.5)
         # ...until anything touches the store: the overdue group stops counting at once.
+        # Two members in one join arrive together: the count goes 0 -> 2 (or 1 -> 3 if the
+        # abandoned group still counted), so waiting for 2 cannot stop half way.
         other = GroupKey("exp", "another prompt", 3)
-        waiting_probe = asyncio.ensure_future(store.join(other, [member("z", 1.0)], combine))
-        await asyncio.sleep(0.05)
-        waiting = await store.waiting()
+        waiting_probe = asyncio.ensure_future(
+            store.join(other, [member("y", 1.0), member("z", 1.0)], combine))
+        waiting = await until_waiting(store, 2)
         # The client's retry of "a" lands (on any replica) and gets the partial result.
         retry = await store.join(key(3), [member("a", 1.0)], combine)
         await waiting_probe
         return waiting, retry[0]
     waiting, retry = stores.run(scenario)
-    assert waiting == 1  # only "z"; the abandoned group no longer holds memory
+    assert waiting == 2  # only "y" and "z"; the abandoned group no longer holds memory
     assert retry.partial and retry.group.rewards == [retry.reward]
 
 
@@ -212,10 +215,10 @@ def test_round_trips_per_member_on_the_per_sample_path(stores):
 
 def test_waiting_members_are_bounded_and_admission_is_all_or_nothing(stores):
     async def scenario(s):
-        store = await s.make(timeout_s=0.8, max_waiting=3)
+        store = await s.make(timeout_s=2.0, max_waiting=3)
         waiters = [asyncio.ensure_future(store.join(key(4), [member(m, i)], combine))
                    for i, m in enumerate("abc")]
-        await asyncio.sleep(0.1)
+        await until_waiting(store, 3)
         refused = []
         for members in ([member("x", 0.0)], [member("y", 0.0), member("z", 1.0)]):
             try:
@@ -244,10 +247,10 @@ def test_an_admitted_request_is_not_refused_half_way(stores):
     (``admitted=True``): a concurrent request that filled the room in between cannot make a
     later group of it fail after earlier ones joined."""
     async def scenario(s):
-        store = await s.make(timeout_s=0.6, max_waiting=2)
+        store = await s.make(timeout_s=1.5, max_waiting=2)
         filler = asyncio.ensure_future(store.join(key(3, "filler"),
                                                   [member("f", 0.0), member("g", 1.0)], combine))
-        await asyncio.sleep(0.1)
+        await until_waiting(store, 2)
         full = await store.waiting()
         try:
             await store.join(key(2, "late"), [member("x", 0.0)], combine)
@@ -300,7 +303,7 @@ def test_closer_that_dies_before_publishing_is_taken_over_after_its_lease(stores
         recorder = RecordingCombine()
         waiters = [asyncio.ensure_future(survivor.join(key(3), [member(m, i)], recorder))
                    for i, m in enumerate("ab")]
-        await asyncio.sleep(0.1)
+        await until_waiting(survivor, 2)
         started = time.monotonic()
         with pytest.raises(PodDied):
             await doomed.join(key(3), [member("c", 7.0)], dying_combine)
@@ -484,7 +487,7 @@ def test_the_step_that_answers_marks_the_member_ids_delivered(stores):
         ids: list[list[str]] = []
         waiter = asyncio.ensure_future(a.join(key(2), [member("d", 1.0)], combine,
                                               attach=attach, on_attached=ids.append))
-        await asyncio.sleep(0.2)
+        await until(lambda: len(ids) == 1, "the waiter attached")
         closer = await b.join(key(2), [member("e", 0.0, "incorrect")], combine, attach=attach,
                               on_attached=ids.append)
         waited = await waiter
@@ -521,7 +524,7 @@ def test_a_join_that_attaches_picks_member_ids_in_the_same_step(stores):
         # two identical responses in one request: two members
         first = asyncio.ensure_future(a.join(key(4), [member("same", 1.0), member("same", 1.0)],
                                              combine, attach=ATTACH, on_attached=seen.append))
-        await asyncio.sleep(0.2)
+        await until(lambda: len(seen) == 1, "the first request attached")
         trips = b.stats().round_trips.get("attach", 0)
         # a third identical one on another replica: an earlier id is held live, so it waits
         started = time.monotonic()
@@ -534,7 +537,7 @@ def test_a_join_that_attaches_picks_member_ids_in_the_same_step(stores):
         first.cancel()
         retry = asyncio.ensure_future(a.join(key(4), [member("same", 1.0), member("same", 1.0)],
                                              combine, attach=ATTACH, on_attached=seen.append))
-        await asyncio.sleep(0.1)
+        await until(lambda: len(seen) == 2, "the retry re-attached")
         last = await b.join(key(4), [member("other", 0.0, "incorrect")], combine,
                             attach=ATTACH, on_attached=seen.append)
         outcomes = [await retry, await third]

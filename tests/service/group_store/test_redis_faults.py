@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 from redis_support import RedisServer, redis_server_binary
-from store_support import RecordingCombine, combine, member
+from store_support import RecordingCombine, combine, member, until_waiting
 from support import free_port
 
 from hero_service.config import Settings
@@ -123,7 +123,7 @@ def test_restart_mid_group_rejoins_and_completes_then_sigma_restarts(server):
         key = GroupKey("exp", "q", 3)
         waiters = [asyncio.ensure_future(store.join(key, [member(m, v)], recorder))
                    for m, v in (("a", 0.0), ("b", 4.0))]
-        await asyncio.sleep(0.2)
+        await until_waiting(store, 2)
         server.restart()  # SIGKILL, persistence off: every key is gone
         after_restart = await store.sigma_values()
         await asyncio.sleep(1.0)  # the poller notices the group vanished; its waiters re-join
@@ -190,7 +190,7 @@ def test_closer_killed_between_close_and_publish_is_taken_over(server):
         waiters = [asyncio.ensure_future(store.join(GroupKey("exp", "q", 3), [member(m, v)],
                                                     recorder))
                    for m, v in (("a", 0.0), ("b", 3.0))]
-        await asyncio.sleep(0.2)
+        await until_waiting(store, 2)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", CLOSER_THAT_DIES, server.url,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -221,7 +221,7 @@ def test_lost_notifications_are_covered_by_polling(server):
         started = time.monotonic()
         waiter = asyncio.ensure_future(
             deaf.join(GroupKey("exp", "q", 2), [member("a", 1.0)], combine))
-        await asyncio.sleep(0.1)
+        await until_waiting(deaf, 1)
         await other.join(GroupKey("exp", "q", 2), [member("b", 2.0)], combine)
         outcome = (await waiter)[0]
         elapsed = time.monotonic() - started
