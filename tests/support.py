@@ -127,8 +127,13 @@ class ThreadedServer:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        from hero_service.config import Settings
+
+        # The service's keep-alive, so a pooled client connection is never reused as it closes.
+        keep_alive_s = Settings.model_fields["keep_alive_s"].default
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
+                                                    log_level="warning",
+                                                    timeout_keep_alive=keep_alive_s))
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self.thread = None
 

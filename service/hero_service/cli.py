@@ -173,7 +173,8 @@ def run_server(app: FastAPI, settings: Settings) -> int:
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level.lower(), access_log=False,
-                            log_config=uvicorn_log_config(), timeout_graceful_shutdown=30)
+                            log_config=uvicorn_log_config(), timeout_graceful_shutdown=30,
+                            timeout_keep_alive=settings.keep_alive_s)
     server = DrainingServer(config, app, settings.drain_timeout_s)
     try:
         server.run()

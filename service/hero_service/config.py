@@ -101,6 +101,10 @@ class Settings(BaseSettings):
 
     drain_timeout_s: float = Field(
         120.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish")
+    keep_alive_s: int = Field(
+        75, ge=1, description="how long an idle client connection is kept open; longer than "
+        "the clients' and any proxy's idle timeout (5 s for the SDK and httpx, 15 s aiohttp, "
+        "60 s typical load balancers), so none reuses a connection the service is closing")
 
     log_level: str = Field("info", description="debug | info | warning | error")
 
