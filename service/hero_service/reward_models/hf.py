@@ -109,13 +109,13 @@ class HFRewardModel(RewardModel):
         return module
 
     def _load(self, path: Path, trust_remote_code: bool) -> PreTrainedModel:
-        kwargs = dict(dtype=self.dtype, trust_remote_code=trust_remote_code)
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, attn_implementation="sdpa", **kwargs
-            )
+                path, attn_implementation="sdpa", dtype=self.dtype,
+                trust_remote_code=trust_remote_code)
         except (ValueError, ImportError):  # architecture without SDPA support
-            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=self.dtype, trust_remote_code=trust_remote_code)
         return model.to(self.device).eval()
 
     def _model_limit(self) -> int:
