@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Optional
 
 from hero_client import hero
@@ -50,21 +51,26 @@ def member(member_id: str, score: float, status: str = "correct") -> Member:
 SETTLE_LIMIT_S = 10.0
 
 
-async def until_waiting(store: GroupStore, at_least: int) -> int:
-    """Wait until ``store`` counts at least ``at_least`` waiting members; returns the count."""
+async def until(condition: Callable[[], bool | Awaitable[bool]], what: str) -> None:
+    """Wait until ``condition()`` holds (e.g. a join's on_attached has reported); it may be
+    async (a round trip to the store)."""
     deadline = time.monotonic() + SETTLE_LIMIT_S
-    while (count := await store.waiting()) < at_least:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{count} members waiting after {SETTLE_LIMIT_S} s, "
-                                 f"expected {at_least}")
-        await asyncio.sleep(0.01)
-    return count
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    """Wait until ``condition()`` holds (e.g. a join's on_attached has reported)."""
-    deadline = time.monotonic() + SETTLE_LIMIT_S
-    while not condition():
+    while True:
+        held = condition()
+        if await held if inspect.isawaitable(held) else held:
+            return
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {SETTLE_LIMIT_S} s: {what}")
         await asyncio.sleep(0.01)
+
+
+async def until_waiting(store: GroupStore, at_least: int) -> int:
+    """Wait until ``store`` counts at least ``at_least`` waiting members; returns the count."""
+    counts: list[int] = []
+
+    async def enough() -> bool:
+        counts.append(await store.waiting())
+        return counts[-1] >= at_least
+
+    await until(enough, f"{at_least} members waiting")
+    return counts[-1]
