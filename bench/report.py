@@ -108,6 +108,9 @@ def targets(found: Findings, scale: dict[str, Any]) -> list[dict[str, Any]]:
                _relative(several_c4, trl), 1.0, ">= 1"),
         target("verifier pool / (single process x cores)",
                verifier["ratio_pool_to_single_x_cores"], 0.85, ">= 0.85"),
+        *([target("verifier, one response per call: reference lanes / one queue",
+                  verifier["per_sample"]["ratio_lanes_to_one_queue"], 1.0, ">= 1")]
+          if "per_sample" in verifier else []),
         target("scale: 16x / 1x rollouts/s (limit-normalised)",
                scale.get("ratio_16x_to_1x_limit_normalised", scale["ratio_16x_to_1x"]), 0.9,
                ">= 0.9"),
@@ -245,13 +248,23 @@ def _verifier_lines(v: dict[str, Any]) -> list[str]:
     if "independent" in v:  # results written before the arm have none
         lines.append(f"  {v['cores']} independent processes (no pool, each its share "
                      f"sequentially): {v['independent']['responses_per_s']:.0f}/s → "
-                     f"{v['ratio_independent_to_single_x_cores']:.2f} of single × {v['cores']} "
-                     f"(the machine's ceiling); pool / independent = "
-                     f"{v['ratio_pool_to_independent']:.2f}")
+                     f"{v['ratio_independent_to_single_x_cores']:.2f} of single × {v['cores']}; "
+                     f"pool / independent = {v['ratio_pool_to_independent']:.2f}")
     for size, x in v["sweep"].items():
         lines.append(f"  bare pool, chunks of {size}: {x['responses_per_s']:.0f}/s → "
                      f"{x['ratio_to_single_x_cores']:.2f} of single × {v['cores']}; workers busy "
                      f"{x['cores_busy']:.2f} cores")
+    for key in ("per_sample", "per_sample_twice_the_workers"):
+        if key not in v:
+            continue
+        p = v[key]
+        lines.append(
+            f"  one response per call ({p['callers']} callers, groups of 8, new references), "
+            f"{p['workers']} workers: reference lanes {p['lanes']['responses_per_s']:.0f}/s "
+            f"({p['lanes']['worker_cpu_ms_per_response']:.2f} worker CPU-ms/response), one "
+            f"queue {p['one_queue']['responses_per_s']:.0f}/s "
+            f"({p['one_queue']['worker_cpu_ms_per_response']:.2f}) → lanes / one queue = "
+            f"{p['ratio_lanes_to_one_queue']:.2f}")
     return lines
 
 

@@ -253,7 +253,7 @@ class BenchRun:
         log("verifier pool vs one process")
         verifier = self.plan.verifier
         pool = await verifier_pool(self.workloads[verifier.scale], verifier.rounds,
-                                   verifier.chunk_sweep)
+                                   verifier.chunk_sweep, self.workloads[1])
         log(f"  single {pool['single_responses_per_s']}/s, pool "
             f"{pool['pool_responses_per_s']}/s, ratio {pool['ratio_pool_to_single_x_cores']}")
         return pool

@@ -1,6 +1,7 @@
 """The verifier section: the service's ``MathVerifier`` pool (one worker per core) against
 ``verify_chunk`` called in one process, times the cores; plus a bare ``ProcessWorkerPool`` fed
-same-reference chunks of fixed sizes, as evidence of what the pool itself can do."""
+same-reference chunks of fixed sizes, as evidence of what the pool itself can do; and the
+per-sample pattern (one response per call) with the pool's reference lanes on and off."""
 
 from __future__ import annotations
 
@@ -90,8 +91,86 @@ class IndependentVerifiers:
                 proc.kill()
 
 
-async def verifier_pool(workload: Workload, rounds: int,
-                        sweep: tuple[int, ...]) -> dict[str, Any]:
+PER_SAMPLE_CALLERS = 16
+
+
+async def _per_sample_round(verifier: Any, steps: list[list[BenchGroup]], fresh: int,
+                            workers: set[int]) -> dict[str, float]:
+    """``PER_SAMPLE_CALLERS`` closed-loop callers, each verifying one response per call, taking
+    the responses in group order (a group's responses in flight together, as a trainer's
+    per-sample calls send them). Each of ``steps`` gets its own run of spaces after every
+    reference (from ``fresh`` on): it reads the same (references are stripped) but no worker has
+    it cached yet, as with the new prompts of each training step."""
+    pending = iter([(g.reference + " " * (fresh + s), r)
+                    for s, groups in enumerate(steps) for g in groups for r in g.responses])
+
+    async def caller() -> None:
+        for reference, response in pending:
+            await verifier.verify(reference, [response])
+
+    cpu0, t0 = cpu_seconds(workers), time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(PER_SAMPLE_CALLERS)))
+    wall = time.perf_counter() - t0
+    n = sum(len(g.responses) for groups in steps for g in groups)
+    return {"per_s": n / wall, "wall_s": wall, "cpu_s": cpu_seconds(workers) - cpu0}
+
+
+PER_SAMPLE_STEPS = 4
+
+
+async def per_sample_lanes(workload: Workload, rounds: int, workers: int) -> dict[str, Any]:
+    """The service's ``MathVerifier`` under one-response calls, with its reference lanes (a
+    reference's responses go to the worker that has it parsed) and with one queue for all
+    workers, interleaved round by round (the order alternating). A round is
+    ``PER_SAMPLE_STEPS`` passes over ``workload`` (the dev data as is: groups of 8), each with
+    references no worker has seen."""
+    from hero_service.config import Settings
+    from hero_service.verifiers import MathVerifier
+
+    settings = Settings()
+    arms: dict[str, Any] = {}
+    pids: dict[str, set[int]] = {}
+    for name, lanes in (("lanes", True), ("one_queue", False)):
+        before = _children()
+        # No recycling here (a replaced worker's CPU would go uncounted: both pools' workers
+        # come from one fork server); one-response calls make one task per response.
+        arms[name] = MathVerifier(workers=workers, timeout_s=settings.verifier_timeout_s,
+                                  max_tasks=10**9,
+                                  memory_mb=settings.verifier_memory_mb, reference_lanes=lanes)
+        await arms[name].start()
+        pids[name] = _children() - before
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in arms}
+    steps = [workload.groups(7 + s) for s in range(PER_SAMPLE_STEPS)]
+    n = sum(len(g.responses) for groups in steps for g in groups)
+    try:
+        for name in arms:  # imports and first parses, off the clock
+            await _per_sample_round(arms[name], [steps[0][:20]], 1000, pids[name])
+        for k in range(rounds):
+            order = list(arms) if k % 2 == 0 else list(reversed(arms))
+            for j, name in enumerate(order):
+                fresh = 1 + PER_SAMPLE_STEPS * (2 * k + j)
+                runs[name].append(await _per_sample_round(arms[name], steps, fresh, pids[name]))
+    finally:
+        for verifier in arms.values():
+            await verifier.close()
+
+    def summary(name: str) -> dict[str, Any]:
+        measured = runs[name]
+        wall = sum(r["wall_s"] for r in measured)
+        return {"responses_per_s": round(n * len(measured) / wall, 1),
+                "runs": [round(r["per_s"], 1) for r in measured],
+                "worker_cpu_ms_per_response": round(
+                    1000 * sum(r["cpu_s"] for r in measured) / (n * len(measured)), 4)}
+
+    lanes, one_queue = summary("lanes"), summary("one_queue")
+    return {"callers": PER_SAMPLE_CALLERS, "workers": workers, "responses": n, "rounds": rounds,
+            "lanes": lanes, "one_queue": one_queue,
+            "ratio_lanes_to_one_queue": round(
+                lanes["responses_per_s"] / one_queue["responses_per_s"], 4)}
+
+
+async def verifier_pool(workload: Workload, rounds: int, sweep: tuple[int, ...],
+                        per_sample_workload: Workload) -> dict[str, Any]:
     """The service's verifier as shipped (``MathVerifier``, one worker per core, every group of
     the workload verified concurrently as concurrent requests would) against ``verify_chunk``
     called sequentially in this process, interleaved round by round. ``sweep``: a bare
@@ -192,8 +271,10 @@ async def verifier_pool(workload: Workload, rounds: int,
         # what the ratio would be if the pool kept every core busy. Steadier than the ratio on a
         # shared machine; the gap between the two is idle workers (gaps, the tail, other jobs).
         "cpu_equivalent_ratio": _cpu_equivalent(single, service),
-        # The machine's own ceiling for any pool: ``cores`` processes that share nothing, each
-        # verifying its share sequentially, over single × cores; and the pool over that.
+        # ``cores`` processes that share nothing, each verifying its share (every cores-th
+        # group) sequentially, over single × cores; and the pool over that. Not a ceiling: each
+        # process sees only some of the 4x workload's copies of a problem, so math-verify's
+        # cache of recent LaTeX conversions hits less often than in the single process.
         "ratio_independent_to_single_x_cores": round(
             alone["responses_per_s"] / (single["responses_per_s"] * cores), 4),
         "ratio_pool_to_independent": round(
@@ -207,6 +288,11 @@ async def verifier_pool(workload: Workload, rounds: int,
             chunked["responses_per_s"] / (single["responses_per_s"] * cores), 4)
         chunked["cpu_equivalent_ratio"] = _cpu_equivalent(single, chunked)
         out["sweep"][str(size)] = chunked
+    out["per_sample"] = await per_sample_lanes(per_sample_workload, rounds, cores)
+    # Twice the workers: more of them for one group's responses to scatter over, as in a GPU
+    # node's one-per-core pool (read the worker CPU per response: the cores are oversubscribed).
+    out["per_sample_twice_the_workers"] = await per_sample_lanes(per_sample_workload, rounds,
+                                                                 2 * cores)
     return out
 
 

@@ -109,6 +109,7 @@ class _Task:
     timeout_s: Optional[float] = None  # the whole task's bound (run)
     step_timeout_s: Optional[float] = None  # each step's bound (run_items, with a reporter)
     reporter: Optional[ProgressReporter] = None
+    lane: Optional[int] = None  # the worker lane it should go to (a preference, see _dispatch)
     # Set when it becomes the task its worker runs (the head of what the worker was sent).
     started: float = 0.0
     position: Optional[Position] = None
@@ -136,6 +137,7 @@ class _Worker:
     task_fd: int
     result_fd: int
     born: float
+    lane: int  # 0 .. workers-1: a replacement takes over the lane of the worker it replaces
     sent: deque[_Task] = field(default_factory=deque)  # in order; the first is running
     tasks_sent: int = 0
     answered: int = 0
@@ -190,12 +192,15 @@ class ProcessWorkerPool:
 
     async def run_items(self, fn: Callable[..., list[Any]], items: Sequence[Any], *args: Any,
                         step_timeout_s: float,
-                        on_failure: Optional[Callable[[str], None]] = None) -> list[Any]:
+                        on_failure: Optional[Callable[[str], None]] = None,
+                        lane: Optional[int] = None) -> list[Any]:
         """``fn(items, *args, progress)`` in one worker, one result per item, in order. A step
         (see the module docstring) that runs past ``step_timeout_s`` gets its worker killed;
         ``on_failure("timeout" | "died")`` is called for each lost worker. An item that loses
         its worker is retried alone, at most ``MAX_STRIKES`` times in all, then its result is an
-        :class:`ItemFailed`; the other items are run again (they are not charged)."""
+        :class:`ItemFailed`; the other items are run again (they are not charged). ``lane``: the
+        worker lane (``0 .. workers-1``) to run on when that worker has room (its caches are
+        warm for this work); otherwise any."""
         results: list[Any] = [None] * len(items)
         strikes = [0] * len(items)
         notify = on_failure or (lambda kind: None)
@@ -203,7 +208,7 @@ class ProcessWorkerPool:
         async def attempt(indices: list[int]) -> None:
             reporter = self._board.acquire()
             task = self._submit(fn, ([items[i] for i in indices], *args, reporter),
-                                step_timeout_s=step_timeout_s, reporter=reporter)
+                                step_timeout_s=step_timeout_s, reporter=reporter, lane=lane)
             try:
                 out = await task.future
             except _TaskLost as lost:
@@ -257,7 +262,7 @@ class ProcessWorkerPool:
 
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], *,
                 timeout_s: Optional[float] = None, step_timeout_s: Optional[float] = None,
-                reporter: Optional[ProgressReporter] = None) -> _Task:
+                reporter: Optional[ProgressReporter] = None, lane: Optional[int] = None) -> _Task:
         if self._closed:
             raise WorkerDied("the verifier pool is closed")
         self._ensure_workers()
@@ -270,13 +275,15 @@ class ProcessWorkerPool:
                 self._board.release(reporter)
             raise  # the caller's own mistake (an unpicklable function or argument)
         task = _Task(task_id, payload, self._loop.create_future(), timeout_s, step_timeout_s,
-                     reporter)
+                     reporter, lane)
         self._queue.append(task)
         self._dispatch()
         return task
 
     def _dispatch(self) -> None:
-        """Queued tasks to the workers with room, the least loaded first."""
+        """Queued tasks to the workers with room: to the worker of the task's lane if it has
+        room, else the least loaded (a lane is a preference, never a wait: its worker may be
+        dead, respawning or full)."""
         while self._queue:
             open_workers = [w for w in self._live if len(w.sent) < PIPELINE_DEPTH]
             if not open_workers:
@@ -285,7 +292,8 @@ class ProcessWorkerPool:
             if task.future.done():  # its caller went away before it was sent
                 self._settle(task)
                 continue
-            self._send(min(open_workers, key=lambda w: len(w.sent)), task)
+            own = [w for w in open_workers if w.lane == task.lane]
+            self._send(min(own or open_workers, key=lambda w: len(w.sent)), task)
 
     def _send(self, worker: _Worker, task: _Task) -> None:
         assert self._loop is not None
@@ -439,7 +447,9 @@ class ProcessWorkerPool:
         os.set_blocking(task_w, False)
         os.set_blocking(result_r, False)
         assert process.pid is not None  # started
-        worker = _Worker(process, process.pid, task_w, result_r, born=time.monotonic())
+        taken = {w.lane for w in self._live}
+        lane = next(k for k in itertools.count() if k not in taken)
+        worker = _Worker(process, process.pid, task_w, result_r, born=time.monotonic(), lane=lane)
         self._live.append(worker)
         self._all.append(worker)
         self._loop.add_reader(result_r, self._on_readable, worker)

@@ -130,10 +130,12 @@ class _ChunkRecordingVerifier(MathVerifier):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.chunks: list[int] = []
+        self.sent: list[tuple[int | None, list[str]]] = []  # (lane, references), in order
 
-    async def _verify_chunk(self, pairs):
+    async def _verify_chunk(self, pairs, lane=None):
         self.chunks.append(len(pairs))
-        return await super()._verify_chunk(pairs)
+        self.sent.append((lane, [reference for reference, _ in pairs]))
+        return await super()._verify_chunk(pairs, lane)
 
 
 def test_requests_arriving_together_share_chunks():
@@ -173,3 +175,59 @@ def test_the_end_of_a_burst_goes_out_in_thinner_slices():
     assert sum(chunks) == 200
     assert chunks[:5] == [32] * 5
     assert chunks == sorted(chunks, reverse=True) and chunks[-1] == 1
+
+
+def test_one_response_per_request_keeps_each_reference_on_one_lane():
+    """Two groups' responses arriving one per request, interleaved, over separate turns of the
+    loop (OpenRLHF's and verl's per-sample calls), two workers: every chunk of group A is sent
+    on one lane and every chunk of group B on the other, so each worker parses one reference.
+    With lanes off the same traffic goes to whichever worker is free (lane None)."""
+    async def go(reference_lanes):
+        verifier = _ChunkRecordingVerifier(workers=2, timeout_s=2, max_tasks=500, memory_mb=2048,
+                                           reference_lanes=reference_lanes)
+        await verifier.start()
+        try:
+            calls = []
+            for i in range(8):
+                for reference in ("3", "5"):
+                    calls.append(asyncio.ensure_future(
+                        verifier.verify(reference, [f"\\boxed{{{(i % 2) * 2 + 3}}}"])))
+                await asyncio.sleep(0)
+            verdicts = await asyncio.gather(*calls)
+            return verdicts, verifier.sent
+        finally:
+            await verifier.close()
+
+    verdicts, sent = run(go(True))
+    lanes = {reference: {lane for lane, refs in sent if reference in refs} for reference in "35"}
+    assert all(len(set(refs)) == 1 for _, refs in sent)  # no chunk mixes the two groups
+    assert len(lanes["3"]) == 1 and len(lanes["5"]) == 1 and lanes["3"] != lanes["5"]
+    expected = []
+    for i in range(8):
+        answer = (i % 2) * 2 + 3
+        expected += ["correct" if answer == 3 else "incorrect",
+                     "correct" if answer == 5 else "incorrect"]
+    assert [v[0].status for v in verdicts] == expected
+
+    verdicts, sent = run(go(False))
+    assert {lane for lane, _ in sent} == {None}
+    assert [v[0].status for v in verdicts] == expected
+
+
+def test_a_burst_of_one_reference_still_spreads_over_every_worker():
+    """One request of 64 responses to one reference, two workers: the idle lane takes part of
+    the other's queue, so both lanes run chunks of 16 (as one queue would), verdicts in order."""
+    async def go():
+        verifier = _ChunkRecordingVerifier(workers=2, timeout_s=2, max_tasks=500, memory_mb=2048)
+        await verifier.start()
+        try:
+            verdicts = await verifier.verify("4", [f"\\boxed{{{i % 5}}}" for i in range(64)])
+            return verdicts, verifier.sent
+        finally:
+            await verifier.close()
+
+    verdicts, sent = run(go())
+    assert [v.status for v in verdicts] == [
+        "correct" if i % 5 == 4 else "incorrect" for i in range(64)]
+    assert sorted(len(refs) for _, refs in sent) == [16, 16, 16, 16]
+    assert {lane for lane, _ in sent} == {0, 1}

@@ -213,3 +213,49 @@ def test_a_caller_that_leaves_drops_its_queued_task(tmp_path):
 
     asyncio.run(go())
     assert not marker.exists()
+
+
+def _pids(items, progress):
+    """Which worker ran each item."""
+    return [os.getpid() for _ in items]
+
+
+def test_a_task_goes_to_the_worker_of_its_lane_and_a_replacement_takes_the_lane_over():
+    """Tasks for lane 0 and lane 1 each stay on one worker (two different ones); when lane 1's
+    worker is killed, its replacement serves lane 1 from then on."""
+    async def on(pool, lane):
+        pids = await pool.run_items(_pids, [0], step_timeout_s=30, lane=lane)
+        return pids[0]
+
+    async def go():
+        async with worker_pool(workers=2, max_tasks=100, memory_mb=0) as pool:
+            first = [[await on(pool, lane) for _ in range(4)] for lane in (0, 1)]
+            os.kill(first[1][0], 9)
+            await asyncio.sleep(0.5)  # the pipe's end is seen, a replacement started
+            after = [[await on(pool, lane) for _ in range(4)] for lane in (0, 1)]
+            return first, after
+
+    first, after = asyncio.run(go())
+    assert [len(set(pids)) for pids in first] == [1, 1] and first[0][0] != first[1][0]
+    assert after[0] == first[0]  # lane 0's worker untouched
+    assert len(set(after[1])) == 1 and after[1][0] not in (first[1][0], first[0][0])
+
+
+def test_a_lane_is_a_preference_not_a_wait():
+    """Lane 0's worker busy with two tasks (its pipe full): a third task for lane 0 runs on the
+    other worker at once instead of waiting."""
+    async def go():
+        async with worker_pool(workers=2, max_tasks=100, memory_mb=0) as pool:
+            busy = [asyncio.ensure_future(pool.run_items(_sleep_per_item, [1.5], step_timeout_s=30,
+                                                         lane=0)) for _ in range(2)]
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            third = await pool.run_items(_pids, [0], step_timeout_s=30, lane=0)
+            waited = time.monotonic() - started
+            slow = await asyncio.gather(*busy)
+            return third[0], {pid for result in slow for pid, _ in result}, waited
+
+    third, busy_pids, waited = asyncio.run(go())
+    assert busy_pids == {next(iter(busy_pids))}  # both on lane 0's worker
+    assert third not in busy_pids
+    assert waited < 1.0, waited
