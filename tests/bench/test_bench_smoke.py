@@ -86,7 +86,7 @@ def test_bench_quick_writes_every_section(tmp_path: Path) -> None:
     assert o["at_capacity"]["requests"] > 0 and o["at_capacity"]["rss_peak_mb"] > 0
     assert o["other_errors"] == 0
 
-    assert len(result["targets"]) == 10
+    assert len(result["targets"]) == 11
     assert all(t["measured"] is not None for t in result["targets"])
     # The servers the benchmark started are gone: nothing answers on their ports.
     ready = [line for line in proc.stderr.splitlines() if "servers ready" in line]
