@@ -60,6 +60,10 @@ class WorkerDied(Exception):
 POLL_S = 0.1
 # Tasks a worker holds at once: the one it runs and the next, already in its pipe.
 PIPELINE_DEPTH = 2
+# A lane's worker whose current task has run this long is passed over for the lane's next task
+# (which would wait behind it in the pipe): a chunk of 32 ordinary responses takes ~15 ms, so
+# this one is on a slow response, maybe one that runs to its timeout.
+LANE_HELD_UP_S = 0.25
 # An item whose worker was lost this many times is given up on (reported, not retried).
 MAX_STRIKES = 2
 # A worker that dies within this long of its start without answering anything is replaced only
@@ -282,8 +286,9 @@ class ProcessWorkerPool:
 
     def _dispatch(self) -> None:
         """Queued tasks to the workers with room: to the worker of the task's lane if it has
-        room, else the least loaded (a lane is a preference, never a wait: its worker may be
-        dead, respawning or full)."""
+        room and is not held up, else the least loaded (a lane is a preference, never a wait:
+        its worker may be dead, respawning, full, or on a slow response)."""
+        now = time.monotonic()
         while self._queue:
             open_workers = [w for w in self._live if len(w.sent) < PIPELINE_DEPTH]
             if not open_workers:
@@ -292,7 +297,8 @@ class ProcessWorkerPool:
             if task.future.done():  # its caller went away before it was sent
                 self._settle(task)
                 continue
-            own = [w for w in open_workers if w.lane == task.lane]
+            own = [w for w in open_workers if w.lane == task.lane
+                   and (not w.sent or now - w.sent[0].started < LANE_HELD_UP_S)]
             self._send(min(own or open_workers, key=lambda w: len(w.sent)), task)
 
     def _send(self, worker: _Worker, task: _Task) -> None:

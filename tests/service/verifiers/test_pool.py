@@ -259,3 +259,22 @@ def test_a_lane_is_a_preference_not_a_wait():
     assert busy_pids == {next(iter(busy_pids))}  # both on lane 0's worker
     assert third not in busy_pids
     assert waited < 1.0, waited
+
+
+def test_a_lane_whose_worker_is_held_up_by_a_slow_task_is_passed_over():
+    """Lane 0's worker on one slow task (1.5 s, its pipe not full): the next task for lane 0,
+    sent 0.5 s later, runs on the other worker at once instead of waiting behind it."""
+    async def go():
+        async with worker_pool(workers=2, max_tasks=100, memory_mb=0) as pool:
+            slow = asyncio.ensure_future(pool.run_items(_sleep_per_item, [1.5], step_timeout_s=30,
+                                                        lane=0))
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            behind = await pool.run_items(_pids, [0], step_timeout_s=30, lane=0)
+            waited = time.monotonic() - started
+            (slow_pid, _), = await slow
+            return behind[0], slow_pid, waited
+
+    behind, slow_pid, waited = asyncio.run(go())
+    assert behind != slow_pid
+    assert waited < 0.8, waited
