@@ -365,7 +365,7 @@ class AsyncHeroClient(_ClientBase):
         #: what sends: "aiohttp", "httpx", or "custom" (a ``transport=`` of the caller's)
         self.http_backend = backend if transport is None else "custom"
         if transport is None and backend == "aiohttp":
-            transport = aiohttp_transport(max_connections)
+            transport = aiohttp_transport(self.base_url, max_connections)
         self._http = httpx.AsyncClient(transport=transport, limits=limits,
                                        **self._http_settings)
 

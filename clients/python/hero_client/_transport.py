@@ -45,9 +45,11 @@ def httpx_limits(max_connections: Optional[int]) -> httpx.Limits:
                         keepalive_expiry=KEEPALIVE_EXPIRY_S)
 
 
-def aiohttp_transport(max_connections: Optional[int] = 100) -> httpx.AsyncBaseTransport:
-    """An httpx transport over aiohttp's connection pool (``max_connections=None``: no cap).
-    Like httpx, it honours HTTP(S)_PROXY / NO_PROXY from the environment."""
+def aiohttp_transport(base_url: str,
+                      max_connections: Optional[int] = 100) -> httpx.AsyncBaseTransport:
+    """An httpx transport over aiohttp's connection pool (``max_connections=None``: no cap) for
+    requests to ``base_url``. Like httpx, it honours HTTP(S)_PROXY / NO_PROXY from the
+    environment as they are when it is built, and ignores ``~/.netrc``."""
     httpx_limits(max_connections)  # the same check, the same error
     try:
         import aiohttp
@@ -74,10 +76,23 @@ def aiohttp_transport(max_connections: Optional[int] = 100) -> httpx.AsyncBaseTr
 
     def session() -> aiohttp.ClientSession:
         # Built on first use, inside the event loop that sends (aiohttp binds a session to its
-        # loop). limit=0 is aiohttp's "no cap".
+        # loop). limit=0 is aiohttp's "no cap". Not trust_env: aiohttp would then look the proxy
+        # up and read ~/.netrc in a worker thread for every request (two thread hand-offs and a
+        # file read each); the proxy is looked up once, below, as httpx does at construction.
         return aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=max_connections or 0,
-                                           keepalive_timeout=KEEPALIVE_EXPIRY_S),
-            trust_env=True)
+                                           keepalive_timeout=KEEPALIVE_EXPIRY_S))
 
-    return Transport(client=session)
+    return Transport(client=session, proxy=environment_proxy(base_url))
+
+
+def environment_proxy(url: str) -> Optional[httpx.Proxy]:
+    """The proxy HTTP(S)_PROXY / NO_PROXY name for ``url`` (aiohttp's own rule), or None."""
+    from aiohttp.helpers import get_env_proxy_for_url
+    from yarl import URL
+
+    try:
+        proxy, auth = get_env_proxy_for_url(URL(url))
+    except LookupError:
+        return None
+    return httpx.Proxy(str(proxy), auth=(auth.login, auth.password) if auth else None)
