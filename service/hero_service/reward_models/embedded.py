@@ -158,7 +158,7 @@ def _suffix(text: str, chars: int) -> str:
 
 
 def splits_at_whitespace(tokenizer: Tokenizer) -> bool:
-    """Whether :func:`tail_ids` is exact for ``tokenizer``: BERT's normalizer and
+    """Whether :func:`tail_token_ids` is exact for ``tokenizer``: BERT's normalizer and
     pre-tokenizer (per-character normalization, words split at whitespace)."""
     config = json.loads(tokenizer.to_str())
     return ((config.get("normalizer") or {}).get("type") in (None, "BertNormalizer")
