@@ -29,9 +29,17 @@ def assembling_server():
         yield proc
 
 
-def grouped(client: HeroClient, prompt: str, label: str, responses: list[str], sigma_ref: float):
-    return client.score([{"prompt": prompt, "reference": label, "responses": responses}],
-                        sigma_ref=sigma_ref).groups[0]
+def whole_group(client: HeroClient, prompt, label: str, responses: list[str], logs: list[dict],
+                sigma_ref: float):
+    """HERO of the whole group, from the RM scores its per-query requests got (their
+    ``extra_logs``, in response order): what their rewards must equal to the last bit. And those
+    scores are the RM's for these responses: a grouped call scores them again, in another batch
+    composition (a batch of one and a batch of four differ by ~6e-8 in fp32), so to 1e-5."""
+    rm_scores = [log["rm_score"][0] for log in logs]
+    group = {"prompt": prompt, "reference": label, "responses": responses}
+    rescored = client.score([group], sigma_ref=sigma_ref).groups[0]
+    assert rm_scores == pytest.approx(rescored.rm_scores, abs=1e-5)
+    return client.score([{**group, "rm_scores": rm_scores}], sigma_ref=sigma_ref).groups[0]
 
 
 def test_openrlhf_per_query_requests_equal_one_grouped_call(assembling_server, dev_rows):
@@ -61,8 +69,8 @@ def test_openrlhf_per_query_requests_equal_one_grouped_call(assembling_server, d
             assert all(log["partial"] == [0.0] for log in logs)
             sigma_ref = logs[0]["sigma_ref"][0]
             assert all(log["sigma_ref"] == [sigma_ref] for log in logs)
-            direct = grouped(client, row["prompt"], row["reference"], row["responses"][:N],
-                             sigma_ref)
+            direct = whole_group(client, row["prompt"], row["reference"], row["responses"][:N],
+                                 logs, sigma_ref)
             assert [a["rewards"][0] for _, a in mine] == pytest.approx(direct.rewards, abs=1e-9)
             # scores are the verdicts (OpenRLHF's dynamic filtering), rewards HERO's
             assert [a["scores"][0] for _, a in mine] == [float(v) for v in direct.verified]
@@ -114,7 +122,8 @@ def test_openrlhf_executor_rollouts_are_rewarded_in_their_group(assembling_serve
     rewards = [o["reward"][0] for o in outputs]
     sigma_ref = outputs[0]["extra_logs"]["sigma_ref"][0]
     with HeroClient(assembling_server.url) as client:
-        direct = grouped(client, row["prompt"], row["reference"], row["responses"][:N], sigma_ref)
+        direct = whole_group(client, row["prompt"], row["reference"], row["responses"][:N],
+                             [o["extra_logs"] for o in outputs], sigma_ref)
     assert rewards == pytest.approx(direct.rewards, abs=1e-9)
     assert [o["extra_logs"]["verified"][0] for o in outputs] == [float(v) for v in direct.verified]
     assert any(direct.verified) and not all(direct.verified)
@@ -142,8 +151,8 @@ def test_openrlhf_templated_prompts_eos_ids_and_numeric_labels(assembling_server
     assert all(o["reward"] is not None for o in outputs), "the service refused the request"
     sigma_ref = outputs[0]["extra_logs"]["sigma_ref"][0]
     with HeroClient(assembling_server.url) as client:
-        direct = client.score([{"prompt": dev_messages(row), "reference": row["reference"],
-                                "responses": row["responses"][:N]}], sigma_ref=sigma_ref).groups[0]
+        direct = whole_group(client, dev_messages(row), row["reference"], row["responses"][:N],
+                             [o["extra_logs"] for o in outputs], sigma_ref)
     assert [o["scores"][0] for o in outputs] == [float(v) for v in direct.verified]
     assert [float(v) for v in direct.verified] == [float(v) for v in row["grader_correct"][:N]]
     assert [o["reward"][0] for o in outputs] == pytest.approx(direct.rewards, abs=1e-9)
